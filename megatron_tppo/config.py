@@ -1,0 +1,655 @@
+"""Run configuration: documented dataclasses, loaded from YAML and dotted ``key.sub=value`` overrides.
+
+The dataclasses below are the only copy of the schema. YAML files and command-line overrides are
+both applied onto them field by field (:func:`load_config`), with types checked against the
+annotations, and :meth:`TPPOConfig.validate` runs before anything heavy (Ray, megatron, vLLM)
+starts. Every field carries a docstring directly under it; :func:`field_docs` reads them back for
+``--help`` output and error messages.
+
+Unknown keys fail with the nearest valid key (``rollout.windw_tokens`` -> "did you mean
+rollout.window_tokens?"); bad values fail naming the full dotted field.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import functools
+import inspect
+import math
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work, raised before any heavy component starts."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the policy (and the critic backbone): a Qwen2/Llama-family decoder."""
+
+    arch: Literal["qwen2", "llama"] = "qwen2"
+    """Model family; decides the HF names and defaults (Qwen2 has QKV bias, Llama does not)."""
+    hf_path: Optional[str] = None
+    """Directory of a Hugging Face model to start from; None builds the tiny default."""
+    tokenizer_path: Optional[str] = None
+    """Tokenizer directory; None means the same directory as ``hf_path``."""
+    num_layers: int = 4
+    """Number of transformer layers."""
+    hidden_size: int = 256
+    """Model width."""
+    ffn_hidden_size: int = 704
+    """SwiGLU intermediate width (per gate/up projection)."""
+    num_attention_heads: int = 4
+    """Query heads. hidden_size / num_attention_heads is the head size (vLLM on CPU needs >= 32)."""
+    num_query_groups: int = 2
+    """Key/value heads for grouped-query attention (= num_attention_heads for plain MHA)."""
+    vocab_size: int = 512
+    """Vocabulary size of the tokenizer (the embedding may be padded for TP divisibility)."""
+    max_position_embeddings: int = 2048
+    """Longest sequence (prompt + response) the model is used at."""
+    rope_theta: float = 1_000_000.0
+    """RoPE base frequency."""
+    norm_epsilon: float = 1e-6
+    """RMSNorm epsilon."""
+    qkv_bias: bool = True
+    """Add a bias to the Q/K/V projections (Qwen2: True, Llama: False)."""
+    tie_word_embeddings: bool = True
+    """Share the input embedding and the output layer."""
+    params_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Parameter/compute dtype. Use fp32 on CPU (bf16 matmul there is ~700x slower)."""
+    fp8: Optional[Literal["e4m3", "hybrid"]] = None
+    """Transformer Engine FP8 format for linear layers; None disables FP8. Needs a GPU and TE."""
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    """Transformer Engine FP8 scaling recipe (used only when ``fp8`` is set)."""
+    make_vocab_size_divisible_by: int = 128
+    """Pad the embedding rows to a multiple of this (layout-independent, so checkpoints move
+    across TP sizes); every tensor-parallel size used must divide the padded vocabulary."""
+    init_std: float = 0.02
+    """Standard deviation of the normal weight initialization (models built from a seed)."""
+
+    @property
+    def head_size(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Embedding rows: vocab_size rounded up to ``make_vocab_size_divisible_by``."""
+        d = max(self.make_vocab_size_divisible_by, 1)
+        return -(-self.vocab_size // d) * d
+
+
+@dataclass
+class LayoutConfig:
+    """Parallel layout of one trained model (policy or critic)."""
+
+    tensor_parallel: int = 1
+    """Tensor-parallel size (splits attention heads and MLP columns)."""
+    pipeline_parallel: int = 1
+    """Pipeline-parallel size (splits layers into stages; 1F1B schedule when > 1)."""
+    data_parallel: int = 1
+    """Data-parallel replicas; the distributed optimizer shards optimizer state when > 1."""
+    micro_batch_tokens: int = 4096
+    """Token budget of one micro-batch after length sorting/packing (bounds activation memory)."""
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel * self.data_parallel
+
+
+@dataclass
+class ParallelConfig:
+    """Where the models run."""
+
+    policy: LayoutConfig = field(default_factory=LayoutConfig)
+    """Layout of the policy (actor) trainer."""
+    critic: LayoutConfig = field(default_factory=LayoutConfig)
+    """Layout of the value model (critic) trainer."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Compute device; auto picks cuda when a GPU is visible, else cpu (gloo)."""
+
+
+@dataclass
+class OptimizerConfig:
+    """Adam(W) optimizer and learning-rate schedule of one model."""
+
+    lr: float = 1e-6
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip; 0 disables clipping."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up in optimizer steps."""
+    decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate decay after warm-up."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimizers of the two trained models (decoupled, as T-PPO prescribes)."""
+
+    policy: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-6))
+    """Policy (actor) optimizer; the paper uses about 1e-6 at 32B."""
+    critic: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=2e-6))
+    """Critic optimizer; the paper uses 2e-6 at 32B."""
+
+
+@dataclass
+class RolloutConfig:
+    """Windowed generation with successive batching (TPPO.md section 1)."""
+
+    backend: Literal["vllm"] = "vllm"
+    """Generation backend (imported lazily)."""
+    num_slots: int = 64
+    """Active response slots kept busy every step (paper: 512 prompts x 16 = 8192)."""
+    samples_per_prompt: int = 8
+    """Samples per prompt; they form a group (paper: 16)."""
+    window_tokens: int = 64
+    """Window length W: new tokens a slot generates per step (paper: 8192)."""
+    max_response_tokens: int = 256
+    """Maximum response length L_max; a response reaching it is forced finished (paper: 24576)."""
+    refill: Literal["window", "continuous"] = "window"
+    """When finished slots take new prompts: at window boundaries (the paper) or at once."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    tensor_parallel: int = 1
+    """vLLM tensor-parallel size per engine."""
+    num_engines: int = 1
+    """Number of vLLM engines (data-parallel rollout)."""
+    colocate: bool = True
+    """Share devices with training (release/restore vLLM memory around generation)."""
+    gpu_memory_utilization: float = 0.5
+    """Fraction of GPU memory vLLM may take (GPU only)."""
+    cpu_kv_cache_gb: float = 1.0
+    """KV-cache size in GiB for vLLM on CPU (VLLM_CPU_KVCACHE_SPACE)."""
+    weight_sync_bucket_mb: int = 512
+    """Size bound of one bucket when streaming policy weights into vLLM."""
+
+
+@dataclass
+class AlgorithmConfig:
+    """T-PPO: EGAE, losses and decoupled updates (TPPO.md sections 2-4)."""
+
+    gamma: float = 1.0
+    """Discount factor."""
+    critic_lambda: float = 1.0
+    """GAE lambda of the critic targets (1.0 = Monte-Carlo return)."""
+    policy_lambda_alpha: float = 0.05
+    """Length-adaptive policy lambda: lambda = 1 - 1/(alpha * L) (VAPO)."""
+    policy_lambda_min: float = 0.95
+    """Floor of the length-adaptive policy lambda."""
+    truncated_tail_ignore: int = 8
+    """Zero the advantage of the last N tokens of a truncated segment (their estimates are worst)."""
+    advantage_clamp: float = 10.0
+    """Clamp whitened advantages to +-this value; 0 disables the clamp."""
+    clip_low: float = 0.2
+    """PPO ratio lower clip: ratio >= 1 - clip_low."""
+    clip_high: float = 0.28
+    """PPO ratio upper clip (clip-higher): ratio <= 1 + clip_high."""
+    dual_clip: float = 10.0
+    """Dual-clip bound c for negative advantages; 0 disables it."""
+    positive_lm_coef: float = 0.1
+    """Weight of the NLL loss on responses with reward 1 (VAPO positive-example LM loss)."""
+    value_clip: float = 0.5
+    """Clip range of the value update around the old values."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight."""
+    kl_coef: float = 0.0
+    """KL penalty to a frozen reference policy; 0 disables it (the paper's default)."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: drop groups whose finished samples all got the same reward."""
+    critic_warmup_steps: int = 10
+    """Critic-only steps before the policy starts to move."""
+    overlong_penalty: float = 0.0
+    """Reward subtracted from a response forced finished at max_response_tokens."""
+    policy_epochs: int = 1
+    """Passes over one step's policy batch."""
+    critic_epochs: int = 1
+    """Passes over one step's critic batch."""
+
+
+@dataclass
+class DataConfig:
+    """Prompts and evaluation data."""
+
+    task: Literal["arith", "jsonl", "parquet"] = "arith"
+    """Prompt source: the built-in synthetic arithmetic task, or a JSONL/Parquet dataset."""
+    train_path: Optional[str] = None
+    """Training prompts file (jsonl/parquet tasks)."""
+    eval_path: Optional[str] = None
+    """Held-out evaluation file (jsonl/parquet tasks)."""
+    prompt_key: str = "prompt"
+    """Column holding the prompt text."""
+    answer_key: str = "answer"
+    """Column holding the reference answer."""
+    template: str = "{prompt}"
+    """Prompt template; ``{prompt}`` is replaced by the row's prompt."""
+    eval_every: int = 10
+    """Evaluate on the held-out set every N steps; 0 disables evaluation."""
+    eval_samples_per_prompt: int = 4
+    """k in pass@1 averaged over k samples."""
+    eval_prompts: int = 128
+    """Number of held-out prompts per evaluation."""
+    bad_rows: Literal["skip", "error"] = "skip"
+    """Malformed dataset rows: skip and count them, or stop with the file and line."""
+    shuffle: bool = True
+    """Shuffle the prompt stream every epoch (seeded)."""
+
+
+@dataclass
+class LoggingConfig:
+    """Console and TensorBoard output."""
+
+    output_dir: str = "runs/tppo"
+    """Run directory: TensorBoard events, logs and checkpoints go under it."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under ``<output_dir>/tensorboard``."""
+    progress_bar: bool = True
+    """Show a progress bar over steps on the console."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Run checkpoints (models, optimizers, window pool, data position, RNG)."""
+
+    save_every: int = 0
+    """Save a run checkpoint every N steps; 0 saves only at the end and on termination signals."""
+    keep_last: int = 2
+    """Number of whole checkpoints to keep."""
+    resume: bool = False
+    """Continue from the latest whole checkpoint under ``<output_dir>/checkpoints``."""
+    load_policy: Optional[str] = None
+    """torch_dist checkpoint to initialize the policy from (e.g. made by convert_hf_to_megatron)."""
+    load_critic: Optional[str] = None
+    """torch_dist checkpoint to initialize the critic from; None builds it from the policy."""
+
+
+@dataclass
+class TPPOConfig:
+    """Everything a T-PPO run needs. Sections mirror the YAML files in examples/."""
+
+    seed: int = 1234
+    """Global random seed (prompt order, sampling, initialization)."""
+    steps: int = 100
+    """Number of T-PPO steps (one window of generation plus updates each)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model architecture."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layouts."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizers."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Windowed generation."""
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    """Algorithm settings."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompt data and evaluation."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing and resume."""
+
+    @property
+    def max_windows(self) -> int:
+        """Windows a response can live through: ceil(L_max / W)."""
+        return math.ceil(self.rollout.max_response_tokens / self.rollout.window_tokens)
+
+    @property
+    def is_ppo_baseline(self) -> bool:
+        """W >= L_max: every response finishes in its first window (synchronous PPO)."""
+        return self.rollout.window_tokens >= self.rollout.max_response_tokens
+
+    def validate(self) -> "TPPOConfig":
+        """Check cross-field constraints; raise ConfigError naming the field. Cheap, no imports."""
+        errors: list[str] = []
+
+        def check(ok: bool, name: str, msg: str) -> None:
+            if not ok:
+                errors.append(f"{name}: {msg}")
+
+        m, r, a = self.model, self.rollout, self.algorithm
+        check(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                     "num_query_groups", "vocab_size", "max_position_embeddings"):
+            check(getattr(m, name) > 0, f"model.{name}", f"must be > 0, got {getattr(m, name)}")
+        if m.num_attention_heads > 0 and m.hidden_size > 0:
+            check(m.hidden_size % m.num_attention_heads == 0, "model.hidden_size",
+                  f"{m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}")
+        if m.num_query_groups > 0:
+            check(m.num_attention_heads % m.num_query_groups == 0, "model.num_query_groups",
+                  f"model.num_attention_heads={m.num_attention_heads} is not a multiple of {m.num_query_groups}")
+        check(m.rope_theta > 0, "model.rope_theta", f"must be > 0, got {m.rope_theta}")
+        check(m.make_vocab_size_divisible_by >= 1, "model.make_vocab_size_divisible_by",
+              f"must be >= 1, got {m.make_vocab_size_divisible_by}")
+        check(m.init_std > 0, "model.init_std", f"must be > 0, got {m.init_std}")
+        if m.fp8 is not None:
+            check(self.parallel.device != "cpu", "model.fp8",
+                  "FP8 needs a GPU with Transformer Engine; parallel.device is cpu")
+            check(m.params_dtype != "fp32", "model.fp8", "FP8 training expects params_dtype bf16 or fp16")
+
+        for role in ("policy", "critic"):
+            lay: LayoutConfig = getattr(self.parallel, role)
+            for name in ("tensor_parallel", "pipeline_parallel", "data_parallel", "micro_batch_tokens"):
+                check(getattr(lay, name) >= 1, f"parallel.{role}.{name}", f"must be >= 1, got {getattr(lay, name)}")
+            if lay.tensor_parallel >= 1 and m.num_query_groups > 0:
+                check(m.num_attention_heads % lay.tensor_parallel == 0 and m.num_query_groups % lay.tensor_parallel == 0,
+                      f"parallel.{role}.tensor_parallel",
+                      f"{lay.tensor_parallel} must divide model.num_attention_heads={m.num_attention_heads} "
+                      f"and model.num_query_groups={m.num_query_groups}")
+                check(m.ffn_hidden_size % lay.tensor_parallel == 0, f"parallel.{role}.tensor_parallel",
+                      f"{lay.tensor_parallel} must divide model.ffn_hidden_size={m.ffn_hidden_size}")
+                if m.vocab_size > 0 and m.make_vocab_size_divisible_by >= 1:
+                    check(m.padded_vocab_size % lay.tensor_parallel == 0, f"parallel.{role}.tensor_parallel",
+                          f"{lay.tensor_parallel} must divide the padded vocabulary {m.padded_vocab_size} "
+                          f"(model.make_vocab_size_divisible_by={m.make_vocab_size_divisible_by})")
+            if lay.pipeline_parallel >= 1:
+                check(m.num_layers % lay.pipeline_parallel == 0, f"parallel.{role}.pipeline_parallel",
+                      f"{lay.pipeline_parallel} must divide model.num_layers={m.num_layers}")
+
+        for role in ("policy", "critic"):
+            o: OptimizerConfig = getattr(self.optim, role)
+            check(o.lr >= 0, f"optim.{role}.lr", f"must be >= 0, got {o.lr}")
+            check(0 <= o.min_lr <= max(o.lr, 0), f"optim.{role}.min_lr", f"must be in [0, lr={o.lr}], got {o.min_lr}")
+            check(0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, f"optim.{role}.adam_beta1",
+                  "Adam betas must be in [0, 1)")
+            check(o.clip_grad >= 0, f"optim.{role}.clip_grad", f"must be >= 0, got {o.clip_grad}")
+            check(o.warmup_steps >= 0, f"optim.{role}.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+
+        check(r.num_slots >= 1, "rollout.num_slots", f"must be >= 1, got {r.num_slots}")
+        check(r.samples_per_prompt >= 1, "rollout.samples_per_prompt", f"must be >= 1, got {r.samples_per_prompt}")
+        check(r.window_tokens >= 1, "rollout.window_tokens", f"must be >= 1, got {r.window_tokens}")
+        check(r.max_response_tokens >= 1, "rollout.max_response_tokens",
+              f"must be >= 1, got {r.max_response_tokens}")
+        check(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")
+        check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
+        check(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
+              f"must be in (0, 1], got {r.gpu_memory_utilization}")
+        check(r.cpu_kv_cache_gb > 0, "rollout.cpu_kv_cache_gb", f"must be > 0, got {r.cpu_kv_cache_gb}")
+        check(r.tensor_parallel >= 1 and r.num_engines >= 1, "rollout.tensor_parallel",
+              "rollout.tensor_parallel and rollout.num_engines must be >= 1")
+        check(r.weight_sync_bucket_mb >= 1, "rollout.weight_sync_bucket_mb", "must be >= 1")
+        if m.num_attention_heads > 0 and r.tensor_parallel >= 1:
+            check(m.num_attention_heads % r.tensor_parallel == 0, "rollout.tensor_parallel",
+                  f"{r.tensor_parallel} must divide model.num_attention_heads={m.num_attention_heads}")
+
+        check(0 < a.gamma <= 1, "algorithm.gamma", f"must be in (0, 1], got {a.gamma}")
+        check(0 <= a.critic_lambda <= 1, "algorithm.critic_lambda", f"must be in [0, 1], got {a.critic_lambda}")
+        check(a.policy_lambda_alpha > 0, "algorithm.policy_lambda_alpha", f"must be > 0, got {a.policy_lambda_alpha}")
+        check(0 <= a.policy_lambda_min <= 1, "algorithm.policy_lambda_min",
+              f"must be in [0, 1], got {a.policy_lambda_min}")
+        check(a.truncated_tail_ignore >= 0, "algorithm.truncated_tail_ignore", "must be >= 0")
+        if r.window_tokens >= 1:
+            check(a.truncated_tail_ignore < r.window_tokens, "algorithm.truncated_tail_ignore",
+                  f"{a.truncated_tail_ignore} would zero every token of a truncated window "
+                  f"(rollout.window_tokens={r.window_tokens})")
+        check(a.advantage_clamp >= 0, "algorithm.advantage_clamp", "must be >= 0")
+        check(0 <= a.clip_low < 1, "algorithm.clip_low", f"must be in [0, 1), got {a.clip_low}")
+        check(a.clip_high >= 0, "algorithm.clip_high", f"must be >= 0, got {a.clip_high}")
+        check(a.dual_clip == 0 or a.dual_clip > 1, "algorithm.dual_clip",
+              f"must be 0 (off) or > 1, got {a.dual_clip}")
+        check(a.value_clip >= 0, "algorithm.value_clip", "must be >= 0")
+        for name in ("positive_lm_coef", "entropy_coef", "kl_coef", "overlong_penalty"):
+            check(getattr(a, name) >= 0, f"algorithm.{name}", f"must be >= 0, got {getattr(a, name)}")
+        check(a.critic_warmup_steps >= 0, "algorithm.critic_warmup_steps", "must be >= 0")
+        check(a.policy_epochs >= 1 and a.critic_epochs >= 1, "algorithm.policy_epochs",
+              "policy_epochs and critic_epochs must be >= 1")
+
+        d = self.data
+        if d.task in ("jsonl", "parquet"):
+            check(d.train_path is not None, "data.train_path", f"required when data.task={d.task!r}")
+        check(d.eval_every >= 0, "data.eval_every", "must be >= 0")
+        check(d.eval_samples_per_prompt >= 1, "data.eval_samples_per_prompt", "must be >= 1")
+        check(d.eval_prompts >= 1, "data.eval_prompts", "must be >= 1")
+        check("{prompt}" in d.template, "data.template", "must contain the placeholder {prompt}")
+
+        c = self.checkpoint
+        check(c.save_every >= 0, "checkpoint.save_every", "must be >= 0")
+        check(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+        check(bool(self.logging.output_dir), "logging.output_dir", "must not be empty")
+
+        if errors:
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Field docs, flattening, loading
+# --------------------------------------------------------------------------------------------
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of dataclass ``cls`` (parsed from its source)."""
+    src = textwrap.dedent(inspect.getsource(cls))
+    body = ast.parse(src).body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+@functools.lru_cache(maxsize=None)
+def flat_fields(cls: Optional[type] = None, prefix: str = "") -> dict[str, tuple[Any, str]]:
+    """Every leaf field as ``{"section.sub.name": (type, doc)}`` (cached: the schema is static)."""
+    cls = cls or TPPOConfig
+    out: dict[str, tuple[Any, str]] = {}
+    hints, docs = _hints(cls), field_docs(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key = prefix + f.name
+        if dataclasses.is_dataclass(tp):
+            out.update(flat_fields(tp, key + "."))
+        else:
+            out[key] = (tp, docs.get(f.name, ""))
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to annotation ``tp``; raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            if type(None) in args:
+                return None
+        last: Optional[ConfigError] = None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                last = err
+        raise last or ConfigError(f"{key}: cannot use {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed:
+            return value
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in allowed)}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected a bool, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an int, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an int, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a float, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a float, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def _unknown_key(key: str, valid: list[str]) -> ConfigError:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if not near:  # try matching only the last component, e.g. "rollout.windw" vs "window_tokens"
+        leaf = key.rsplit(".", 1)[-1]
+        leaves = {v.rsplit(".", 1)[-1]: v for v in valid}
+        hit = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
+        near = [leaves[hit[0]]] if hit else []
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def set_dotted(cfg: TPPOConfig, key: str, value: Any) -> None:
+    """Set one leaf field ``a.b.c`` of ``cfg`` to ``value`` (coerced to the field's type)."""
+    fields = flat_fields()
+    if key not in fields:
+        raise _unknown_key(key, list(fields))
+    tp, _ = fields[key]
+    *parents, leaf = key.split(".")
+    obj: Any = cfg
+    for p in parents:
+        obj = getattr(obj, p)
+    setattr(obj, leaf, _coerce(value, tp, key))
+
+
+def _flatten_mapping(data: dict, prefix: str, source: str) -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = []
+    for k, v in data.items():
+        if not isinstance(k, str):
+            raise ConfigError(f"{source}: key {k!r} under {prefix or 'the top level'} must be a string")
+        key = prefix + k
+        if isinstance(v, dict):
+            items.extend(_flatten_mapping(v, key + ".", source))
+        else:
+            items.append((key, v))
+    return items
+
+
+def _admits_str(tp: Any) -> bool:
+    if tp is str:
+        return True
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp)
+
+
+def parse_override(arg: str) -> tuple[str, Any]:
+    """``"rollout.window_tokens=128"`` -> ("rollout.window_tokens", 128).
+
+    Values parse as YAML scalars, except for string fields, which take the text verbatim (so a
+    template such as ``Q: {prompt}`` stays a string); ``none``/``null`` still mean None there.
+    """
+    import yaml
+
+    if "=" not in arg:
+        raise ConfigError(f"override {arg!r} must look like key.sub=value")
+    key, raw = arg.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {arg!r} has an empty key")
+    fields = flat_fields()
+    if key in fields and _admits_str(fields[key][0]) and raw.lower() not in ("none", "null", "~"):
+        return key, raw
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
+                validate: bool = True) -> TPPOConfig:
+    """Defaults, then the YAML file at ``path``, then ``overrides`` (``key.sub=value``), then validate."""
+    import yaml
+
+    cfg = TPPOConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+        for key, value in _flatten_mapping(data, "", str(path)):
+            try:
+                set_dotted(cfg, key, value)
+            except ConfigError as err:
+                raise ConfigError(f"{path}: {err}") from None
+    for arg in overrides or []:
+        set_dotted(cfg, *parse_override(arg))
+    return cfg.validate() if validate else cfg
+
+
+def to_dict(cfg: TPPOConfig) -> dict:
+    """Plain nested dict (for YAML dumps and TensorBoard hparams)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: TPPOConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def help_text() -> str:
+    """Every key with its type, default and doc: the ``--help`` of the entry points."""
+    default = TPPOConfig()
+    lines = []
+    for key, (tp, doc) in flat_fields().items():
+        obj: Any = default
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        lines.append(f"  {key} ({_type_name(tp)}, default {obj!r})\n      {doc}")
+    return "\n".join(lines)
