@@ -3,6 +3,7 @@
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
+ARGS ?=
 
 .PHONY: venv run test test-fast clean-venv
 
@@ -10,7 +11,7 @@ venv:
 	@bash tools/setup_venv.sh
 
 run: venv
-	$(PY) -m megatron_tppo.main
+	$(PY) -m megatron_tppo.train --config examples/tiny_cpu.yaml $(ARGS)
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
