@@ -17,6 +17,8 @@ CORE = [
     "psutil>=5.9",  # without it megatron's dist_checkpointing.save hangs (PLATFORM.md)
     "pyyaml>=6.0",
     "tqdm>=4.66",
+    "pyarrow>=20,<27",  # Parquet prompt datasets
+    "math-verify==0.9.0",  # equivalence of boxed math answers (DAPO-Math / AIME rewards)
 ]
 
 EXTRAS = {
