@@ -56,11 +56,18 @@ class ResponseInput:
     reward: float
 
 
-def _pad(rows: Sequence[Sequence[int]], width: int) -> torch.Tensor:
+def pad_token_rows(rows: Sequence[Sequence[int]], width: int) -> torch.Tensor:
+    """Token-id rows -> [B, width] long, right-padded with 0."""
     out = torch.zeros(len(rows), width, dtype=torch.long)
     for i, r in enumerate(rows):
         out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
     return out
+
+
+def row_attention_mask(rows: Sequence[Sequence[int]], width: int) -> torch.Tensor:
+    """[B, width] long, 1 on each row's real tokens."""
+    lengths = torch.tensor([len(r) for r in rows])
+    return (torch.arange(width)[None] < lengths[:, None]).long()
 
 
 def _place(rows: Sequence[Sequence[float]], starts: Sequence[int], width: int) -> torch.Tensor:
@@ -86,7 +93,7 @@ def policy_batch(segments: Sequence[SegmentInput], *, gamma: float = 1.0, lambda
             raise ValueError(f"segment {i}: inconsistent lengths (start={s.start}, end={s.end}, "
                              f"{len(s.logprobs)} logprobs, {len(s.values)} values, {len(s.token_ids)} tokens)")
     width = pad_width or max(len(s.token_ids) for s in segments)
-    tokens = _pad([s.token_ids for s in segments], width)
+    tokens = pad_token_rows([s.token_ids for s in segments], width)
     lengths = torch.tensor([len(s.token_ids) for s in segments])
     attention = torch.arange(width)[None] < lengths[:, None]
     starts = [s.prompt_len + s.start for s in segments]
@@ -126,7 +133,7 @@ def critic_batch(responses: Sequence[ResponseInput], *, gamma: float = 1.0, lam:
             raise ValueError(f"response {i}: {len(r.old_values)} values for "
                              f"{len(r.token_ids) - r.prompt_len} response tokens")
     width = pad_width or max(len(r.token_ids) for r in responses)
-    tokens = _pad([r.token_ids for r in responses], width)
+    tokens = pad_token_rows([r.token_ids for r in responses], width)
     lengths = torch.tensor([len(r.token_ids) for r in responses])
     attention = torch.arange(width)[None] < lengths[:, None]
     starts = [r.prompt_len for r in responses]

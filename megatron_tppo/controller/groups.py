@@ -1,0 +1,140 @@
+"""Ray actor groups: a trainer (TP x PP x DP ranks forming one process group) and rollout engines.
+
+Placement: each group gets a placement group with one bundle per rank (``{"GPU": 1, "CPU": 1}``
+on GPU; a fractional CPU on CPU, where the ranks share the cores and run phase by phase), packed
+onto as few nodes as possible so tensor-parallel ranks share a node. On a multi-node Ray cluster
+the same code spreads larger groups across nodes.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from megatron_tppo.controller.workers import RolloutWorker, TrainerWorker
+
+
+class ActorDiedError(RuntimeError):
+    """A Ray actor of the run died; the message names which one."""
+
+
+def _bundles(n: int, device: str) -> list[dict]:
+    return [{"GPU": 1, "CPU": 1} if device == "cuda" else {"CPU": 0.01} for _ in range(n)]
+
+
+def _get(refs: Any, what: str, timeout: Optional[float] = None) -> Any:
+    """ray.get that turns an actor death into a clear, named error instead of a hang."""
+    try:
+        return ray.get(refs, timeout=timeout)
+    except ray.exceptions.RayActorError as err:
+        raise ActorDiedError(f"{what}: a Ray actor died ({err.__class__.__name__}: {str(err).splitlines()[0]})") from err
+    except ray.exceptions.GetTimeoutError as err:
+        raise ActorDiedError(f"{what}: no answer within {timeout} s") from err
+
+
+class TrainerGroup:
+    """All ranks of one trained model (policy or critic) as Ray actors."""
+
+    def __init__(self, name: str, model_cfg, layout, optim_cfg, *, role: str, device: str, seed: int,
+                 total_steps: int, threads: int = 0, setup_timeout_s: float = 600.0):
+        self.name, self.world = name, layout.world_size
+        self.pg = placement_group(_bundles(self.world, device), strategy="PACK", name=f"tppo-{name}")
+        _get(self.pg.ready(), f"{name}: placement group", timeout=setup_timeout_s)
+        remote = ray.remote(TrainerWorker)
+        self.workers = [
+            remote.options(
+                name=None, num_cpus=0 if device != "cuda" else 1, num_gpus=1 if device == "cuda" else 0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+            ).remote(i, self.world, threads)
+            for i in range(self.world)
+        ]
+        master = _get(self.workers[0].address.remote(), f"{name}: rank 0 address", timeout=setup_timeout_s)
+        self.ranks = self._all("setup", master, model_cfg, layout, optim_cfg, role, device, seed, total_steps,
+                               timeout=setup_timeout_s)
+
+    def _all(self, method: str, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> list:
+        refs = [getattr(w, method).remote(*args, **kwargs) for w in self.workers]
+        return _get(refs, f"{self.name}.{method}", timeout=timeout)
+
+    def load_hf(self, hf_dir: str) -> int:
+        return self._all("load_hf", hf_dir)[0]
+
+    def forward(self, batch: dict, with_entropy: bool = False) -> dict:
+        return self.wait(self.forward_async(batch, with_entropy))
+
+    def forward_async(self, batch: dict, with_entropy: bool = False) -> list:
+        """Start a forward on every rank; :meth:`wait` returns rank 0's outputs."""
+        batch_ref = ray.put(batch)
+        return [w.forward.remote(batch_ref, with_entropy) for w in self.workers]
+
+    def wait(self, refs: list) -> dict:
+        return _get(refs, f"{self.name}.forward")[0]
+
+    def train_step(self, batch: dict, loss_fn, global_num_tokens: float, with_entropy: bool = False) -> dict:
+        batch_ref = ray.put(batch)  # one copy in the object store for all ranks
+        return self._all("train_step", batch_ref, loss_fn, global_num_tokens, with_entropy)[0]
+
+    def hf_weights(self, dtype: Optional[str] = None) -> list:
+        """All pipeline stages' (HF name, tensor) pairs, in stage order."""
+        return [item for part in self._all("hf_weights", dtype) for item in part]
+
+    def save(self, path: str, with_optimizer: bool = True) -> None:
+        self._all("save", path, with_optimizer)
+
+    def load(self, path: str, with_optimizer: bool = True) -> None:
+        self._all("load", path, with_optimizer)
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w, no_restart=True)
+        remove_placement_group(self.pg)
+
+
+class RolloutGroup:
+    """``num_engines`` generation engines; requests are split across them."""
+
+    def __init__(self, backend: str, model_path: str, rollout_cfg, model_cfg, *, device: str,
+                 threads: int = 0, setup_timeout_s: float = 600.0):
+        n = rollout_cfg.num_engines
+        per = rollout_cfg.tensor_parallel
+        bundle = {"GPU": per, "CPU": 1} if device == "cuda" else {"CPU": 0.01}
+        self.pg = placement_group([bundle] * n, strategy="PACK", name="tppo-rollout")
+        _get(self.pg.ready(), "rollout: placement group", timeout=setup_timeout_s)
+        remote = ray.remote(RolloutWorker)
+        self.workers = [
+            remote.options(
+                num_cpus=0 if device != "cuda" else 1, num_gpus=per if device == "cuda" else 0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+            ).remote(backend, model_path, rollout_cfg, model_cfg, threads)
+            for i in range(n)
+        ]
+        _get([w.ping.remote() for w in self.workers], "rollout: engine start", timeout=setup_timeout_s)
+
+    def generate(self, prompts: list, max_tokens: list, sampling, n: int = 1) -> list:
+        """Split the prompts evenly over the engines; results in prompt-major order."""
+        k = len(self.workers)
+        chunks = [(i * len(prompts) // k, (i + 1) * len(prompts) // k) for i in range(k)]
+        refs = [w.generate.remote(prompts[a:b], max_tokens[a:b], sampling, n)
+                for w, (a, b) in zip(self.workers, chunks) if b > a]
+        out: list = []
+        for part in _get(refs, "rollout.generate"):
+            out.extend(part)
+        return out
+
+    def load_weights(self, named: list, version: int) -> float:
+        ref = ray.put(named)
+        t0 = time.perf_counter()
+        _get([w.load_weights.remote(ref, version) for w in self.workers], "rollout.load_weights")
+        return time.perf_counter() - t0
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            try:
+                ray.get(w.call.remote("shutdown"), timeout=30)
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+            ray.kill(w, no_restart=True)
+        remove_placement_group(self.pg)

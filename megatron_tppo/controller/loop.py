@@ -1,0 +1,216 @@
+"""The T-PPO step loop (TPPO.md): one window of generation, rewards, values, EGAE, two updates, sync.
+
+Data flows one way, one call per arrow:
+prompts -> window pool -> rollout -> rewards (+ critic values, overlapped) -> EGAE -> policy update
+-> critic update (finished responses only) -> weight sync -> rollout.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from megatron_tppo.algorithms.objectives import critic_objective, explained_variance_from_sums, policy_objective
+from megatron_tppo.algorithms.tppo_batch import (
+    ResponseInput,
+    SegmentInput,
+    critic_batch,
+    pad_token_rows,
+    policy_batch,
+    row_attention_mask,
+)
+from megatron_tppo.algorithms.window_pool import Prompt, StepBatch, WindowPool
+from megatron_tppo.rollout.base import Sampling
+
+
+@dataclass
+class Task:
+    """What the loop needs from the data side (built by the entry point)."""
+
+    prompts: object
+    """Iterator of window_pool.Prompt (resumable stream)."""
+    eval_prompts: list[Prompt]
+    """Held-out prompts with meta for scoring."""
+    decode: Callable[[list[int]], str]
+    """Token ids -> text (for the reward)."""
+    score: Callable[[str, dict], tuple[float, Optional[str]]]
+    """(response text, prompt meta) -> (reward, failure reason or None); never raises."""
+    counters: dict = field(default_factory=dict)
+    """Failure counters (reward errors/timeouts, bad rows) merged into the metrics."""
+
+
+class TPPOLoop:
+    def __init__(self, cfg, policy, critic, rollout, task: Task, logger, progress=None):
+        self.cfg, self.policy, self.critic, self.rollout, self.task = cfg, policy, critic, rollout, task
+        self.logger, self.progress = logger, progress
+        r, a = cfg.rollout, cfg.algorithm
+        self.pool = WindowPool(r.num_slots, r.samples_per_prompt, r.window_tokens, r.max_response_tokens, task.prompts)
+        self.version = 0
+        self.policy_loss = functools.partial(policy_objective, clip_low=a.clip_low, clip_high=a.clip_high,
+                                             dual_clip=a.dual_clip, positive_lm_coef=a.positive_lm_coef,
+                                             entropy_coef=a.entropy_coef)
+        self.critic_loss = functools.partial(critic_objective, value_clip=a.value_clip)
+        self.filtered_groups = 0
+
+    # ------------------------------------------------------------------ one step
+    def step(self, step: int) -> dict:
+        cfg, m, t_step = self.cfg, {}, time.perf_counter()
+        batch, m["perf/generate_s"] = self._timed(self.generate_window, step)
+        gen_tokens = sum(s.end - s.start for s in batch.segments)
+        m["perf/generated_tokens_per_s"] = gen_tokens / max(m["perf/generate_s"], 1e-9)
+
+        values_ref, t0 = self.critic.forward_async(self._context_batch(batch)), time.perf_counter()
+        m.update(self.score_finished(batch))  # overlaps with the critic forward
+        self.store_values(batch, self.critic.wait(values_ref))
+        m["perf/values_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        segments = self.policy_segments(batch)
+        if step >= cfg.algorithm.critic_warmup_steps and segments:
+            m.update(self.update_policy(segments))
+        finished = [s for s in batch.finished if s.values and None not in s.values]
+        if finished:
+            m.update(self.update_critic(finished))
+        m["perf/train_s"] = time.perf_counter() - t0
+        if step >= cfg.algorithm.critic_warmup_steps and segments:
+            m["perf/weight_sync_s"] = self.sync_weights()
+        m.update(self.rollout_metrics(batch, gen_tokens))
+        m["perf/step_s"] = time.perf_counter() - t_step
+        return m
+
+    @staticmethod
+    def _timed(fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        return out, time.perf_counter() - t0
+
+    def generate_window(self, step: int) -> StepBatch:
+        r = self.cfg.rollout
+        self.pool.refill()
+        reqs = self.pool.requests()
+        if reqs:
+            sampling = Sampling(temperature=r.temperature, top_p=r.top_p, seed=self.cfg.seed * 100_003 + step * 7919)
+            results = self.rollout.generate([q.token_ids for q in reqs], [q.max_new_tokens for q in reqs], sampling)
+            for q, res in zip(reqs, results):
+                self.pool.append(q.slot, res.token_ids, res.logprobs, res.policy_version,
+                                 eos=res.finish_reason == "stop")
+        return self.pool.end_step()
+
+    def score_finished(self, batch: StepBatch) -> dict:
+        a, fails = self.cfg.algorithm, {}
+        for s in batch.finished:
+            reward, failure = self.task.score(self.task.decode(s.response_ids), s.meta)
+            if failure:
+                fails[failure] = fails.get(failure, 0) + 1
+            if s.finish_reason == "length_cap":
+                reward -= a.overlong_penalty
+            self.pool.set_reward(s.uid, reward)
+        return {f"health/reward_{k}": float(v) for k, v in fails.items()}
+
+    def _context_batch(self, batch: StepBatch) -> dict:
+        """Rows = each segment's full context; the critic's values for its new tokens."""
+        rows = [seg.token_ids for seg in batch.segments] or [[0, 0]]
+        width = max(len(r) for r in rows)
+        return {"tokens": pad_token_rows(rows, width), "attention_mask": row_attention_mask(rows, width)}
+
+    def store_values(self, batch: StepBatch, out: dict) -> None:
+        values = out["values"]
+        for i, seg in enumerate(batch.segments):
+            a = seg.prompt_len + seg.start
+            self.pool.set_values(seg.sample_uid, seg.start, values[i, a: a + seg.end - seg.start].tolist())
+
+    def policy_segments(self, batch: StepBatch) -> list[SegmentInput]:
+        drop = set()
+        if self.cfg.algorithm.dynamic_sampling:
+            for gid, group in batch.completed_groups.items():
+                if len({s.reward for s in group}) == 1:
+                    drop.add(gid)
+            self.filtered_groups += len(drop)
+        out = []
+        for seg in batch.segments:
+            if seg.prompt_uid in drop:
+                continue
+            s = self.pool.sample(seg.sample_uid)
+            out.append(SegmentInput(seg.token_ids, seg.prompt_len, seg.start, seg.end, seg.logprobs,
+                                    s.values[seg.start: seg.end], seg.finished, s.reward or 0.0))
+        return out
+
+    def update_policy(self, segments: list[SegmentInput]) -> dict:
+        a, r = self.cfg.algorithm, self.cfg.rollout
+        b = policy_batch(segments, gamma=a.gamma, lambda_alpha=a.policy_lambda_alpha, lambda_min=a.policy_lambda_min,
+                         window_tokens=r.window_tokens, tail_ignore=a.truncated_tail_ignore,
+                         advantage_clamp=a.advantage_clamp)
+        n = float(b.pop("num_tokens"))
+        m = {}
+        # train-vs-rollout mismatch on the same tokens, with the weights that generated them
+        lp = self.policy.forward(b)["logprobs"]
+        diff = (lp - b["old_logprobs"]).abs() * b["loss_mask"]
+        m["rollout/logprob_mismatch_max"] = float(diff.max())
+        m["rollout/logprob_mismatch_mean"] = float(diff.sum() / max(n, 1.0))
+        mask = b["loss_mask"].bool()
+        adv = b["advantages"][mask]
+        m.update({"policy/advantage_mean": float(adv.mean()), "policy/advantage_std": float(adv.std()) if adv.numel() > 1 else 0.0,
+                  "policy/advantage_max": float(adv.max()), "policy/advantage_min": float(adv.min()),
+                  "policy/lambda_mean": float(b["lambda"].mean())})
+        t0 = time.perf_counter()
+        for _ in range(a.policy_epochs):
+            out = self.policy.train_step(b, self.policy_loss, n, with_entropy=True)
+        dt = time.perf_counter() - t0
+        self.version += 1
+        m["perf/policy_train_tokens_per_s"] = float(b["attention_mask"].sum()) * a.policy_epochs / max(dt, 1e-9)
+        m.update({f"policy/{k}": v for k, v in out.items()})
+        return m
+
+    def update_critic(self, finished) -> dict:
+        a = self.cfg.algorithm
+        resp = [ResponseInput(s.prompt_ids + s.response_ids, len(s.prompt_ids), list(s.values), float(s.reward or 0.0))
+                for s in finished]
+        b = critic_batch(resp, gamma=a.gamma, lam=a.critic_lambda)
+        n = float(b.pop("num_tokens"))
+        for _ in range(a.critic_epochs):
+            out = self.critic.train_step(b, self.critic_loss, n)
+        m = {f"critic/{k}": v for k, v in out.items() if k not in ("ret_mean", "ret_sq", "err_mean", "err_sq")}
+        m["critic/explained_variance"] = explained_variance_from_sums(out)
+        m["critic/tokens"] = n
+        return m
+
+    def sync_weights(self) -> float:
+        t0 = time.perf_counter()
+        named = self.policy.hf_weights()
+        self.rollout.load_weights(named, self.version)
+        return time.perf_counter() - t0
+
+    def rollout_metrics(self, batch: StepBatch, gen_tokens: int) -> dict:
+        fin = batch.finished
+        lengths = [len(s.response_ids) for s in fin]
+        rewards = [s.reward or 0.0 for s in fin]
+        st = self.pool.stats()
+        m = {"rollout/finished_count": float(len(fin)),
+             "rollout/truncated_count": float(sum(1 for s in batch.segments if not s.finished)),
+             "rollout/active_slots": float(len(batch.segments)),
+             "rollout/generated_tokens": float(gen_tokens),
+             "rollout/prompts_taken": float(st["prompts_taken"]),
+             "rollout/in_flight": float(st["in_flight"]), "rollout/pending": float(st["pending"]),
+             "rollout/filtered_groups": float(self.filtered_groups),
+             "rollout/length_capped": float(sum(1 for s in fin if s.finish_reason == "length_cap"))}
+        if fin:
+            m.update({"train/reward_mean": sum(rewards) / len(rewards),
+                      "rollout/response_length_mean": sum(lengths) / len(lengths),
+                      "rollout/response_length_max": float(max(lengths)),
+                      "rollout/windows_per_finished": sum(s.windows for s in fin) / len(fin)})
+        return m
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict:
+        """pass@1 averaged over k samples on the held-out prompts, full-length generation."""
+        d, r = self.cfg.data, self.cfg.rollout
+        prompts = self.task.eval_prompts
+        k = d.eval_samples_per_prompt
+        t0 = time.perf_counter()
+        sampling = Sampling(temperature=r.temperature, top_p=r.top_p, seed=self.cfg.seed)
+        res = self.rollout.generate([p.prompt_ids for p in prompts], [r.max_response_tokens] * len(prompts), sampling, n=k)
+        scores = [self.task.score(self.task.decode(g.token_ids), prompts[i // k].meta)[0] for i, g in enumerate(res)]
+        return {"eval/accuracy": sum(scores) / max(len(scores), 1),
+                "eval/response_length_mean": sum(len(g.token_ids) for g in res) / max(len(res), 1),
+                "perf/eval_s": time.perf_counter() - t0}

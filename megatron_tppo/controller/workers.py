@@ -1,0 +1,114 @@
+"""The processes the controller places with Ray: trainer ranks and rollout engines.
+
+These classes are plain Python; :mod:`megatron_tppo.controller.groups` wraps them with
+``ray.remote`` when it creates actors, so this module imports no Ray itself and the heavy imports
+(megatron-core, vLLM) happen inside the actor processes only.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Optional
+
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class TrainerWorker:
+    """One rank of a policy or critic trainer (TP x PP x DP ranks form one torch.distributed world)."""
+
+    def __init__(self, rank: int, world_size: int, threads: int = 0):
+        self.rank, self.world_size = rank, world_size
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.engine = None
+
+    def address(self) -> tuple[str, int]:
+        """Where rank 0 listens for the process-group rendezvous (called on rank 0 only)."""
+        import ray
+
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def setup(self, master: tuple[str, int], model_cfg, layout, optim_cfg, role: str, device: str,
+              seed: int, total_steps: int) -> dict:
+        """Join the process group, build megatron parallel state and the engine."""
+        from megatron_tppo.training import TrainEngine, init_parallel
+
+        os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"))
+        self.info = init_parallel(layout.tensor_parallel, layout.pipeline_parallel, device)
+        self.model_cfg, self.role = model_cfg, role
+        self.engine = TrainEngine(model_cfg, layout, optim_cfg, role=role, device=self.info.device, seed=seed,
+                                  total_steps=total_steps)
+        return {"rank": self.rank, "tp_rank": self.info.tp_rank, "pp_rank": self.info.pp_rank,
+                "dp_rank": self.info.dp_rank, "device": self.info.device}
+
+    def load_hf(self, hf_dir: str) -> int:
+        """Initialize from an HF checkpoint (a critic takes the backbone and keeps its fresh head)."""
+        from megatron_tppo.weights.hf_io import load_hf_into
+
+        skip = ("output_layer.",) if self.role == "critic" else ()
+        return load_hf_into(self.engine.module, hf_dir, self.model_cfg, skip_prefixes=skip)
+
+    def forward(self, batch: dict, with_entropy: bool = False) -> Optional[dict]:
+        """Per-token outputs for the whole batch; returned by global rank 0 only (others None)."""
+        out = self.engine.forward(batch, with_entropy=with_entropy)
+        return {k: v.cpu() for k, v in out.items()} if self.rank == 0 else None
+
+    def train_step(self, batch: dict, loss_fn, global_num_tokens: float, with_entropy: bool = False) -> dict:
+        from megatron_tppo.training import split_for_data_parallel
+
+        local = split_for_data_parallel(batch, self.info.dp, self.info.dp_rank)
+        return self.engine.train_step(local, loss_fn, global_num_tokens, with_entropy=with_entropy)
+
+    def hf_weights(self, dtype: Optional[str] = None) -> list[tuple[str, torch.Tensor]]:
+        """This pipeline stage's weights as (HF name, full tensor); non-empty on tp=0, dp=0 ranks.
+
+        Every rank must be called (the TP gather is collective).
+        """
+        from megatron_tppo.weights.gather import iter_full_params
+        from megatron_tppo.weights.hf_mapping import iter_megatron_to_hf
+
+        dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype or "", None)
+        full = iter_full_params(self.engine.module, self.engine.tp_group, dtype=dt)
+        named = list(iter_megatron_to_hf(full, self.model_cfg))
+        keep = self.info.tp_rank == 0 and self.info.dp_rank == 0
+        return [(n, t.cpu()) for n, t in named] if keep else []
+
+    def save(self, path: str, with_optimizer: bool = True) -> None:
+        self.engine.save(path, with_optimizer)
+
+    def load(self, path: str, with_optimizer: bool = True) -> None:
+        self.engine.load(path, with_optimizer)
+
+    def ping(self) -> int:
+        return os.getpid()
+
+
+class RolloutWorker:
+    """One generation engine (vLLM), behind the narrow :class:`RolloutEngine` interface."""
+
+    def __init__(self, backend: str, model_path: str, rollout_cfg, model_cfg, threads: int = 0):
+        if threads > 0:
+            torch.set_num_threads(threads)
+        from megatron_tppo.rollout import engine_class
+
+        self.engine = engine_class(backend).from_config(model_path, rollout_cfg, model_cfg)
+
+    def generate(self, prompts, max_tokens, sampling, n: int = 1):
+        return self.engine.generate(prompts, max_tokens, sampling, n)
+
+    def load_weights(self, named: list, version: int) -> float:
+        self.engine.load_weights(iter(named), version)
+        return float(getattr(self.engine, "last_load_seconds", 0.0))
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.engine, method)(*args, **kwargs)
+
+    def ping(self) -> int:
+        return os.getpid()
