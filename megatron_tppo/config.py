@@ -117,6 +117,10 @@ class ParallelConfig:
     """Layout of the value model (critic) trainer."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Compute device; auto picks cuda when a GPU is visible, else cpu (gloo)."""
+    ray_address: Optional[str] = None
+    """Ray cluster to join ("auto" or host:port, as ``ray start`` printed); None starts a local one."""
+    threads_per_worker: int = 0
+    """torch intra-op threads per trainer/rollout process; 0 keeps torch's default."""
 
 
 @dataclass
@@ -141,6 +145,8 @@ class OptimizerConfig:
     """Linear learning-rate warm-up in optimizer steps."""
     decay_style: Literal["constant", "linear", "cosine"] = "constant"
     """Learning-rate decay after warm-up."""
+    lr_decay_steps: int = 0
+    """Optimizer steps over which linear/cosine decay reaches min_lr; 0 means the run's total steps."""
 
 
 @dataclass
@@ -185,6 +191,8 @@ class RolloutConfig:
     """KV-cache size in GiB for vLLM on CPU (VLLM_CPU_KVCACHE_SPACE)."""
     weight_sync_bucket_mb: int = 512
     """Size bound of one bucket when streaming policy weights into vLLM."""
+    logprobs_mode: Literal["processed", "raw"] = "processed"
+    """Behaviour log-probs: of the sampling distribution (after temperature/top-p), or raw temperature 1."""
 
 
 @dataclass
@@ -255,6 +263,16 @@ class DataConfig:
     """Malformed dataset rows: skip and count them, or stop with the file and line."""
     shuffle: bool = True
     """Shuffle the prompt stream every epoch (seeded)."""
+    reward: Literal["auto", "arith", "math"] = "auto"
+    """Reward function (megatron_tppo.rewards): auto = arith for the arith task, else math (boxed answers)."""
+    reward_timeout_s: float = 5.0
+    """A reward call running longer than this scores 0 and is counted as a timeout."""
+    arith_max_steps: int = 17
+    """Arith task: cap on the chain length (17 steps -> a 174-token correct response with EOS)."""
+    arith_continue_prob: float = 0.75
+    """Arith task: probability that a chain goes on after each step (geometric tail, median 3 steps)."""
+    arith_train_size: int = 200_000
+    """Arith task: problems in one epoch of the train split (generated lazily, one per index)."""
 
 
 @dataclass
@@ -375,6 +393,7 @@ class TPPOConfig:
                   "Adam betas must be in [0, 1)")
             check(o.clip_grad >= 0, f"optim.{role}.clip_grad", f"must be >= 0, got {o.clip_grad}")
             check(o.warmup_steps >= 0, f"optim.{role}.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+            check(o.lr_decay_steps >= 0, f"optim.{role}.lr_decay_steps", f"must be >= 0, got {o.lr_decay_steps}")
 
         check(r.num_slots >= 1, "rollout.num_slots", f"must be >= 1, got {r.num_slots}")
         check(r.samples_per_prompt >= 1, "rollout.samples_per_prompt", f"must be >= 1, got {r.samples_per_prompt}")
@@ -422,6 +441,11 @@ class TPPOConfig:
         check(d.eval_samples_per_prompt >= 1, "data.eval_samples_per_prompt", "must be >= 1")
         check(d.eval_prompts >= 1, "data.eval_prompts", "must be >= 1")
         check("{prompt}" in d.template, "data.template", "must contain the placeholder {prompt}")
+        check(d.reward_timeout_s > 0, "data.reward_timeout_s", f"must be > 0, got {d.reward_timeout_s}")
+        check(1 <= d.arith_max_steps <= 26, "data.arith_max_steps", f"must be in [1, 26], got {d.arith_max_steps}")
+        check(0 <= d.arith_continue_prob < 1, "data.arith_continue_prob",
+              f"must be in [0, 1), got {d.arith_continue_prob}")
+        check(d.arith_train_size >= 1, "data.arith_train_size", "must be >= 1")
 
         c = self.checkpoint
         check(c.save_every >= 0, "checkpoint.save_every", "must be >= 0")
