@@ -2,17 +2,16 @@
 
 Parses and validates the configuration before anything heavy is imported (a bad key or value
 fails in well under a second, naming the field), writes the resolved config into the run
-directory, then runs the job.
-
-Status: the Ray controller that runs the full T-PPO loop (issue 6) is not built yet. Until it
-lands, the job is an honest one: validate the config and drive the window pool (the real
-successive-batching state machine) with simulated response lengths, reporting slot utilization
-of T-PPO against synchronous PPO for the configured window. It says so when it runs.
+directory, then runs T-PPO: a Ray cluster (started locally or joined), the policy and critic
+trainers (megatron-core), the rollout engine (vLLM), and the step loop of
+:mod:`megatron_tppo.controller.loop`, logging to TensorBoard under ``<output_dir>/tensorboard``.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from pathlib import Path
 
 from megatron_tppo.config import ConfigError, TPPOConfig, dump_yaml, help_text, load_config
@@ -38,32 +37,126 @@ def parse_config(argv: list[str] | None = None) -> tuple[TPPOConfig, argparse.Na
     return load_config(args.config, args.overrides), args
 
 
+def check_model_dir(cfg: TPPOConfig) -> Path:
+    """The HF model to start from must exist and match ``cfg.model`` (checked before any heavy start)."""
+    if cfg.model.hf_path is None:
+        raise ConfigError("model.hf_path: set it to an HF model directory (for the tiny default, "
+                          "`make run` builds one with tools/build_tiny_model.py)")
+    path = Path(cfg.model.hf_path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ConfigError(f"model.hf_path: {str(cfg_file)!r} does not exist")
+    from megatron_tppo.weights.hf_config import model_config_from_hf
+
+    m, hf = cfg.model, model_config_from_hf(json.loads(cfg_file.read_text()))
+    fields = ("arch", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+              "vocab_size", "qkv_bias", "tie_word_embeddings")
+    bad = [f"model.{f}={getattr(m, f)!r} but {cfg_file} says {getattr(hf, f)!r}" for f in fields
+           if getattr(m, f) != getattr(hf, f)]
+    if abs(m.rope_theta - hf.rope_theta) > 1e-6 * hf.rope_theta:
+        bad.append(f"model.rope_theta={m.rope_theta} but {cfg_file} says {hf.rope_theta}")
+    if bad:
+        raise ConfigError("the config's model section does not match the HF model:\n  " + "\n  ".join(bad))
+    return path
+
+
+def run(cfg: TPPOConfig) -> dict:
+    """Run T-PPO for ``cfg.steps`` steps; returns the last metrics (with eval/accuracy_start/_end)."""
+    from tqdm import tqdm
+
+    from megatron_tppo.controller import cluster
+    from megatron_tppo.controller.groups import RolloutGroup, TrainerGroup
+    from megatron_tppo.controller.loop import Task, TPPOLoop
+    from megatron_tppo.data.datasets import build_eval_prompts, build_prompt_stream, reward_name
+    from megatron_tppo.data.tokenizer import load_tokenizer, make_encoder
+    from megatron_tppo.monitoring import MetricsLogger, summary_line
+    from megatron_tppo.platform import resolve_device
+    from megatron_tppo.rewards import make_safe_reward
+
+    model_dir = check_model_dir(cfg)
+    out = Path(cfg.logging.output_dir)
+    device = resolve_device(cfg.parallel.device)
+    tok = load_tokenizer(cfg.model.tokenizer_path or model_dir)
+    encode = make_encoder(tok)
+    reward = make_safe_reward(reward_name(cfg.data), cfg.data.reward_timeout_s)
+
+    def score(text: str, meta: dict):
+        res = reward(text, meta)
+        return res.score, (None if res.status == "ok" else res.status)
+
+    task = Task(prompts=build_prompt_stream(cfg.data, encode, cfg.seed),
+                eval_prompts=build_eval_prompts(cfg.data, encode, cfg.seed),
+                decode=lambda ids: tok.decode(ids, skip_special_tokens=True), score=score)
+    logger = MetricsLogger(out, enabled=cfg.logging.tensorboard)
+    print(f"[tppo] TensorBoard events: {logger.log_dir.resolve()}", flush=True)
+    started = cluster.connect(cfg.parallel.ray_address)
+    groups = []
+    try:
+        t0 = time.perf_counter()
+        threads = cfg.parallel.threads_per_worker
+        rollout = RolloutGroup(cfg.rollout.backend, str(model_dir), cfg.rollout, cfg.model, device=device, threads=threads)
+        groups.append(rollout)
+        policy = TrainerGroup("policy", cfg.model, cfg.parallel.policy, cfg.optim.policy, role="policy",
+                              device=device, seed=cfg.seed, total_steps=cfg.steps, threads=threads)
+        groups.append(policy)
+        critic = TrainerGroup("critic", cfg.model, cfg.parallel.critic, cfg.optim.critic, role="critic",
+                              device=device, seed=cfg.seed + 1, total_steps=cfg.steps, threads=threads)
+        groups.append(critic)
+        policy.load_hf(str(model_dir))
+        critic.load_hf(str(model_dir))
+        print(f"[tppo] cluster up in {time.perf_counter() - t0:.1f} s: policy {policy.world} ranks, "
+              f"critic {critic.world} ranks, {cfg.rollout.num_engines} rollout engine(s) on {device}", flush=True)
+
+        loop = TPPOLoop(cfg, policy, critic, rollout, task, logger)
+        first = loop.evaluate() if task.eval_prompts and cfg.data.eval_every > 0 else {}
+        if first:
+            logger.log(0, first)
+            print(f"[tppo] step 0 eval: accuracy {first['eval/accuracy']:.3f}", flush=True)
+        metrics: dict = {}
+        bar = tqdm(range(cfg.steps), desc="T-PPO", unit="step", disable=not cfg.logging.progress_bar,
+                   dynamic_ncols=True)
+        for step in bar:
+            metrics = loop.step(step)
+            last = step + 1 == cfg.steps
+            if task.eval_prompts and cfg.data.eval_every > 0 and ((step + 1) % cfg.data.eval_every == 0 or last):
+                metrics.update(loop.evaluate())
+            logger.log(step + 1, metrics)
+            bar.write(summary_line(step + 1, metrics))
+        if first:
+            metrics["eval/accuracy_start"] = first["eval/accuracy"]
+        return metrics
+    finally:
+        logger.close()
+        reward.close()
+        for g in reversed(groups):
+            g.shutdown()
+        cluster.shutdown(started)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg, args = parse_config(argv)
+        if args.dry_run:
+            print(dump_yaml(cfg), end="")
+            return 0
+        check_model_dir(cfg)
+        out = Path(cfg.logging.output_dir)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(dump_yaml(cfg))
+        except OSError as err:
+            raise ConfigError(f"logging.output_dir={str(out)!r} is not writable: {err}") from None
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    out = Path(cfg.logging.output_dir)
-    if args.dry_run:
-        print(dump_yaml(cfg), end="")
-        return 0
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_yaml(cfg))
-    except OSError as err:
-        print(f"config error: logging.output_dir={str(out)!r} is not writable: {err}", file=sys.stderr)
-        return 2
     print(f"[tppo] run directory: {out.resolve()}")
+    mode = " [PPO baseline: window >= max response]" if cfg.is_ppo_baseline else ""
     print(f"[tppo] window {cfg.rollout.window_tokens} tokens, max response {cfg.rollout.max_response_tokens} "
-          f"({cfg.max_windows} windows), {cfg.rollout.num_slots} slots x groups of {cfg.rollout.samples_per_prompt}"
-          + (" [PPO baseline mode]" if cfg.is_ppo_baseline else ""))
-    print("[tppo] NOTE: the end-to-end trainer (Ray controller, megatron-core, vLLM) is not built yet (issue 6).")
-    print("[tppo] Running the window-pool simulation instead: simulated lengths, no model.")
-    from megatron_tppo.algorithms.simulate import compare_utilization, format_table
-
-    rows = compare_utilization(cfg, seed=cfg.seed)
-    print(format_table(rows))
+          f"({cfg.max_windows} windows), {cfg.rollout.num_slots} slots, groups of {cfg.rollout.samples_per_prompt}{mode}")
+    metrics = run(cfg)
+    summary = {k: v for k, v in metrics.items() if k.startswith(("eval/", "train/"))}
+    (out / "final_metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(f"[tppo] done: {json.dumps(summary)}")
     return 0
 
 

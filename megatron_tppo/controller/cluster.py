@@ -20,6 +20,8 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None) -> bo
     # workers must see the same package and environment flags as the driver
     env = {k: v for k, v in os.environ.items()
            if k.startswith(("VLLM_", "HF_", "OMP_", "TPPO_", "PYTHONPATH", "CUDA_VISIBLE", "NCCL_", "GLOO_"))}
+    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # per-request INFO lines drown the step summaries
+    env.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
         return False
@@ -32,5 +34,5 @@ def shutdown(started: bool) -> None:
     """Disconnect; stops the cluster only when this process started it."""
     import ray
 
-    if ray.is_initialized():
+    if started and ray.is_initialized():
         ray.shutdown()
