@@ -53,7 +53,9 @@ class TrainerWorker:
         from megatron_tppo.weights.hf_io import load_hf_into
 
         skip = ("output_layer.",) if self.role == "critic" else ()
-        return load_hf_into(self.engine.module, hf_dir, self.model_cfg, skip_prefixes=skip)
+        n = load_hf_into(self.engine.module, hf_dir, self.model_cfg, skip_prefixes=skip)
+        self.engine.weights_changed()  # refresh the optimizer's fp32 main copies (bf16/fp16)
+        return n
 
     def forward(self, batch: dict, with_entropy: bool = False) -> Optional[dict]:
         """Per-token outputs for the whole batch; returned by global rank 0 only (others None)."""

@@ -1,0 +1,98 @@
+"""Batch layout: data-parallel shards and length-sorted micro-batches (pure torch, no megatron).
+
+A batch is a plain dict of tensors whose first dimension is the row (sequence) index:
+``tokens`` [B, T] long (right padded), optional ``attention_mask`` [B, T] (1 = real token; rows
+without it count as full length), ``loss_mask`` [B, T], and any other per-token [B, T, ...] or
+per-row [B] fields. Rows are cut to the micro-batch's longest row, so padding beyond it costs
+nothing; causal attention makes tokens after a row's end irrelevant to the tokens before it.
+
+Micro-batches: rows sorted by length (longest first) are packed greedily while
+``rows * longest_row <= micro_batch_tokens`` (a row longer than the budget gets a micro-batch of its
+own). Each micro-batch is cut to its own longest row, rounded up to ``pad_to_multiple``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def row_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B] long: real tokens per row (attention_mask sum, else the full width T)."""
+    tokens = batch["tokens"]
+    if "attention_mask" in batch:
+        return batch["attention_mask"].to(torch.long).sum(-1)
+    return torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.long)
+
+
+def select_rows(batch: dict[str, torch.Tensor], rows: torch.Tensor, width: int | None = None) -> dict:
+    """Rows ``rows`` of every field; per-token fields ([B, T, ...]) cut to ``width`` columns."""
+    t = batch["tokens"].shape[1]
+    out = {}
+    for key, value in batch.items():
+        v = value.index_select(0, rows.to(value.device))
+        if width is not None and v.dim() >= 2 and v.shape[1] == t:
+            v = v[:, :width]
+        out[key] = v
+    return out
+
+
+@dataclass
+class MicroBatchPlan:
+    """Row indices (into the batch) and the padded width of each micro-batch."""
+
+    rows: list[torch.Tensor]
+    widths: list[int]
+
+    @property
+    def padded_tokens(self) -> int:
+        return sum(len(r) * w for r, w in zip(self.rows, self.widths))
+
+
+def plan_micro_batches(lengths: torch.Tensor, micro_batch_tokens: int, pad_to_multiple: int = 1,
+                       sort: bool = True) -> MicroBatchPlan:
+    """Group rows into micro-batches of at most ``micro_batch_tokens`` padded tokens.
+
+    lengths: [B] real tokens per row. With ``sort=False`` rows keep their order (the naive layout
+    the benchmark compares against).
+    """
+    order = torch.argsort(lengths, descending=True, stable=True) if sort else torch.arange(len(lengths))
+    rows: list[list[int]] = []
+    widths: list[int] = []
+
+    def rounded(n: int) -> int:
+        return max(1, -(-n // pad_to_multiple) * pad_to_multiple)
+
+    for i in order.tolist():
+        w = rounded(int(lengths[i]))
+        if rows:
+            new_w = max(widths[-1], w)
+            if (len(rows[-1]) + 1) * new_w <= micro_batch_tokens:
+                rows[-1].append(i)
+                widths[-1] = new_w
+                continue
+        rows.append([i])
+        widths.append(w)
+    return MicroBatchPlan([torch.tensor(r, dtype=torch.long) for r in rows], widths)
+
+
+def padding_fraction(lengths: torch.Tensor, plan: MicroBatchPlan) -> float:
+    """Share of computed tokens that are padding under ``plan``."""
+    padded = plan.padded_tokens
+    return 1.0 - float(lengths.sum()) / padded if padded else 0.0
+
+
+def split_for_data_parallel(batch: dict[str, torch.Tensor], dp_size: int, dp_rank: int) -> dict:
+    """This DP rank's rows, balancing real tokens across ranks (longest rows dealt first, each to
+    the least-loaded rank). Every rank of one model replica (its TP/PP ranks) must get the same rows.
+    """
+    lengths = row_lengths(batch)
+    if lengths.shape[0] < dp_size:
+        raise ValueError(f"a batch of {lengths.shape[0]} rows cannot feed {dp_size} data-parallel ranks")
+    load = [0] * dp_size
+    owned: list[list[int]] = [[] for _ in range(dp_size)]
+    for i in torch.argsort(lengths, descending=True, stable=True).tolist():
+        r = min(range(dp_size), key=lambda k: (load[k], len(owned[k]), k))
+        owned[r].append(i)
+        load[r] += int(lengths[i])
+    return select_rows(batch, torch.tensor(sorted(owned[dp_rank]), dtype=torch.long))

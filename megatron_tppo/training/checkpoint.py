@@ -1,0 +1,161 @@
+"""torch_dist checkpoints of an engine (megatron-core dist_checkpointing), reshardable across layouts.
+
+Layout of the saved state dict::
+
+    {"model": <GPTModel sharded_state_dict>,
+     "optimizer": <optimizer sharded_state_dict>,        # only with_optimizer
+     "scheduler": OptimizerParamScheduler.state_dict(),  # common (rank 0) state
+     "steps": int, "role": "policy" | "critic"}
+
+Sharded tensors are keyed by global names (layer numbers include the pipeline offset, TP splits
+are described by their global offsets), so a checkpoint saved at one TP/PP/DP loads at another.
+The distributed optimizer is saved in megatron's ``fully_reshardable`` format (a canonical
+per-parameter state gathered on DP rank 0), so its state also loads at another DP/TP/PP layout.
+megatron-core 0.16.1's default, ``fully_sharded_model_space``, fails on save ("ShardedTensor.
+flattened_range is not supported").
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+
+_OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def _model_sharded_state_dict(engine):
+    return engine.module.sharded_state_dict()
+
+
+def save_checkpoint(engine, ckpt_dir: str, with_optimizer: bool = True) -> None:
+    """Collective over all ranks of the job; ``ckpt_dir`` is created (must be empty or absent)."""
+    from megatron.core import dist_checkpointing
+
+    if dist.get_rank() == 0:
+        os.makedirs(ckpt_dir, exist_ok=True)
+    dist.barrier()
+    model_sd = _model_sharded_state_dict(engine)
+    state = {"model": model_sd, "steps": engine.steps, "role": engine.role}
+    if with_optimizer and engine.optimizer is not None:
+        state["optimizer"] = engine.optimizer.sharded_state_dict(model_sd, metadata=_OPT_METADATA)
+        state["scheduler"] = engine.scheduler.state_dict()
+    dist_checkpointing.save(state, ckpt_dir, sharded_strategy=("torch_dist", 1))
+    dist.barrier()
+
+
+def _prime_optimizer_state(optimizer) -> None:
+    """Give a fresh (never stepped) optimizer zero Adam state with step 0.
+
+    Without Apex/Transformer Engine, megatron's DistributedOptimizer.state_dict() reads the step
+    from torch Adam's per-parameter state and asserts one common value, which a fresh optimizer
+    does not have yet; building the loading request needs that state_dict. The loaded checkpoint
+    then overwrites all of it.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        if inner is None or all(len(inner.state[p]) for g in inner.param_groups for p in g["params"]):
+            continue
+        opt.init_state_fn(inner, opt.config)
+        for group in inner.param_groups:
+            for p in group["params"]:
+                inner.state[p].setdefault("step", torch.tensor(0.0))
+
+
+@contextlib.contextmanager
+def _copy_only_saved_state_keys(optimizer):
+    """Work around a megatron-core 0.16.1 bug when loading ``fully_reshardable`` optimizer state.
+
+    Without Apex/TE, DistributedOptimizer.load_state_dict first puts torch Adam's per-parameter
+    "step" into the state, then load_parameter_state_from_fully_reshardable copies *every* state
+    key from the checkpoint's per-parameter tensors, which carry no "step" (it is restored per
+    group) -> KeyError('step'). While loading, copy only the keys the checkpoint holds.
+    """
+    patched = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not hasattr(opt, "_set_main_param_and_optimizer_states") or opt.config.use_precision_aware_optimizer:
+            continue
+
+        def set_states(model_param, tensors, opt=opt):
+            group_index, group_order = opt.model_param_group_index_map[model_param]
+            main_param = opt.optimizer.param_groups[group_index]["params"][group_order]
+            dst = {"param": main_param, **opt.optimizer.state[main_param]}
+            for key, value in tensors.items():
+                dst[key].copy_(value)
+
+        opt._set_main_param_and_optimizer_states = set_states
+        patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """Give every parameter its own torch Adam "step" tensor after loading.
+
+    megatron-core 0.16.1 (without Apex/TE) restores the step by putting ONE tensor into every
+    parameter's state; torch Adam increments ``state["step"]`` in place per parameter, so the
+    shared counter would advance once per parameter per step and corrupt the bias correction.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for state in inner.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+
+def load_checkpoint(engine, ckpt_dir: str, with_optimizer: bool = True) -> None:
+    """Load model (+ optimizer/scheduler when saved and asked for) into ``engine`` (collective)."""
+    from megatron.core import dist_checkpointing
+
+    model_sd = _model_sharded_state_dict(engine)
+    request = {"model": model_sd}
+    load_opt = with_optimizer and engine.optimizer is not None
+    if load_opt:
+        _prime_optimizer_state(engine.optimizer)
+        request["optimizer"] = engine.optimizer.sharded_state_dict(model_sd, is_loading=True,
+                                                                 metadata=_OPT_METADATA)
+    loaded = dist_checkpointing.load(request, ckpt_dir)
+    engine.module.load_state_dict(loaded["model"])
+    if load_opt and "optimizer" in loaded:
+        with _copy_only_saved_state_keys(engine.optimizer):
+            engine.optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_adam_steps(engine.optimizer)
+        if "scheduler" in loaded:
+            engine.scheduler.load_state_dict(loaded["scheduler"])
+        engine.steps = int(loaded.get("steps", 0))
+    elif engine.optimizer is not None:
+        engine.optimizer.reload_model_params()  # main (fp32/sharded) params follow the new weights
+
+
+def load_backbone(engine, ckpt_dir: str) -> None:
+    """Initialize a critic from a policy checkpoint: every weight except the LM head (any layout).
+
+    The value head keeps its own initialization; optimizer state is not loaded.
+    """
+    from megatron.core import dist_checkpointing
+
+    model_sd = {k: v for k, v in _model_sharded_state_dict(engine).items()
+                if not k.startswith("output_layer.")}
+    loaded = dist_checkpointing.load({"model": model_sd}, ckpt_dir)
+    missing, unexpected = engine.module.load_state_dict(loaded["model"], strict=False)
+    bad = [k for k in missing if not k.startswith("output_layer.") and not k.endswith("_extra_state")]
+    if bad:
+        raise KeyError(f"policy checkpoint {ckpt_dir} lacks backbone weights: {bad[:5]}")
+    if engine.optimizer is not None:
+        engine.optimizer.reload_model_params()
+
+
+def copy_backbone_into(critic_engine, policy_engine) -> int:
+    """In-process variant of :func:`load_backbone` for a policy of the same layout in this process."""
+    from megatron_tppo.models import copy_backbone
+
+    copied = copy_backbone(policy_engine.module, critic_engine.module)
+    if critic_engine.optimizer is not None:
+        critic_engine.optimizer.reload_model_params()
+    return copied
