@@ -7,7 +7,6 @@ the same code spreads larger groups across nodes.
 """
 from __future__ import annotations
 
-import time
 from typing import Any, Optional
 
 import ray
@@ -77,9 +76,9 @@ class TrainerGroup:
         batch_ref = ray.put(batch)  # one copy in the object store for all ranks
         return self._all("train_step", batch_ref, loss_fn, global_num_tokens, with_entropy)[0]
 
-    def hf_weights(self, dtype: Optional[str] = None) -> list:
-        """All pipeline stages' (HF name, tensor) pairs, in stage order."""
-        return [item for part in self._all("hf_weights", dtype) for item in part]
+    def full_weights(self, dtype: Optional[str] = None) -> list:
+        """All pipeline stages' (megatron name, full tensor) pairs, in stage order."""
+        return [item for part in self._all("full_weights", dtype) for item in part if item is not None]
 
     def save(self, path: str, with_optimizer: bool = True) -> None:
         self._all("save", path, with_optimizer)
@@ -124,11 +123,11 @@ class RolloutGroup:
             out.extend(part)
         return out
 
-    def load_weights(self, named: list, version: int) -> float:
+    def load_weights(self, named: list, version: int, model_cfg, bucket_mb: int) -> dict:
+        """Push (megatron name, full tensor) pairs into every engine; returns engine 0's stats."""
         ref = ray.put(named)
-        t0 = time.perf_counter()
-        _get([w.load_weights.remote(ref, version) for w in self.workers], "rollout.load_weights")
-        return time.perf_counter() - t0
+        refs = [w.load_weights.remote(ref, version, model_cfg, bucket_mb) for w in self.workers]
+        return _get(refs, "rollout.load_weights")[0]
 
     def shutdown(self) -> None:
         for w in self.workers:

@@ -52,6 +52,7 @@ class TPPOLoop:
                                              entropy_coef=a.entropy_coef)
         self.critic_loss = functools.partial(critic_objective, value_clip=a.value_clip)
         self.filtered_groups = 0
+        self.utilization = 0.0
 
     # ------------------------------------------------------------------ one step
     def step(self, step: int) -> dict:
@@ -74,7 +75,7 @@ class TPPOLoop:
             m.update(self.update_critic(finished))
         m["perf/train_s"] = time.perf_counter() - t0
         if step >= cfg.algorithm.critic_warmup_steps and segments:
-            m["perf/weight_sync_s"] = self.sync_weights()
+            m.update(self.sync_weights())
         m.update(self.rollout_metrics(batch, gen_tokens))
         m["perf/step_s"] = time.perf_counter() - t_step
         return m
@@ -95,6 +96,9 @@ class TPPOLoop:
             for q, res in zip(reqs, results):
                 self.pool.append(q.slot, res.token_ids, res.logprobs, res.policy_version,
                                  eos=res.finish_reason == "stop")
+            # decode iterations of this window = its longest request; the rest of the slots idled
+            lengths = [len(res.token_ids) for res in results]
+            self.utilization = sum(lengths) / max(len(lengths) * max(lengths), 1)
         return self.pool.end_step()
 
     def score_finished(self, batch: StepBatch) -> dict:
@@ -175,11 +179,15 @@ class TPPOLoop:
         m["critic/tokens"] = n
         return m
 
-    def sync_weights(self) -> float:
+    def sync_weights(self) -> dict:
+        """Gather the policy (TP shards, PP stages) and stream it into the rollout engines."""
         t0 = time.perf_counter()
-        named = self.policy.hf_weights()
-        self.rollout.load_weights(named, self.version)
-        return time.perf_counter() - t0
+        named = self.policy.full_weights()
+        t1 = time.perf_counter()
+        st = self.rollout.load_weights(named, self.version, self.cfg.model, self.cfg.rollout.weight_sync_bucket_mb)
+        total = time.perf_counter() - t0
+        return {"perf/weight_sync_s": total, "perf/weight_gather_s": t1 - t0, "perf/weight_load_s": st["seconds"],
+                "perf/weight_sync_gb_per_s": st["bytes"] / max(total, 1e-9) / 1e9, "perf/weight_sync_buckets": float(st["buckets"])}
 
     def rollout_metrics(self, batch: StepBatch, gen_tokens: int) -> dict:
         fin = batch.finished
@@ -193,6 +201,7 @@ class TPPOLoop:
              "rollout/prompts_taken": float(st["prompts_taken"]),
              "rollout/in_flight": float(st["in_flight"]), "rollout/pending": float(st["pending"]),
              "rollout/filtered_groups": float(self.filtered_groups),
+             "rollout/slot_utilization": float(self.utilization),
              "rollout/length_capped": float(sum(1 for s in fin if s.finish_reason == "length_cap"))}
         if fin:
             m.update({"train/reward_mean": sum(rewards) / len(rewards),

@@ -68,19 +68,16 @@ class TrainerWorker:
         local = split_for_data_parallel(batch, self.info.dp, self.info.dp_rank)
         return self.engine.train_step(local, loss_fn, global_num_tokens, with_entropy=with_entropy)
 
-    def hf_weights(self, dtype: Optional[str] = None) -> list[tuple[str, torch.Tensor]]:
-        """This pipeline stage's weights as (HF name, full tensor); non-empty on tp=0, dp=0 ranks.
-
-        Every rank must be called (the TP gather is collective).
+    def full_weights(self, dtype: Optional[str] = None) -> list[tuple[str, torch.Tensor]]:
+        """This pipeline stage's weights as (global megatron name, full tensor); non-empty on the
+        tp=0, dp=0 rank of each stage. Every rank must be called (the TP gather is collective).
         """
         from megatron_tppo.weights.gather import iter_full_params
-        from megatron_tppo.weights.hf_mapping import iter_megatron_to_hf
 
         dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype or "", None)
         full = iter_full_params(self.engine.module, self.engine.tp_group, dtype=dt)
-        named = list(iter_megatron_to_hf(full, self.model_cfg))
         keep = self.info.tp_rank == 0 and self.info.dp_rank == 0
-        return [(n, t.cpu()) for n, t in named] if keep else []
+        return [(n, t.cpu()) for n, t in full] if keep else [None for _ in full]
 
     def save(self, path: str, with_optimizer: bool = True) -> None:
         self.engine.save(path, with_optimizer)
@@ -105,9 +102,12 @@ class RolloutWorker:
     def generate(self, prompts, max_tokens, sampling, n: int = 1):
         return self.engine.generate(prompts, max_tokens, sampling, n)
 
-    def load_weights(self, named: list, version: int) -> float:
-        self.engine.load_weights(iter(named), version)
-        return float(getattr(self.engine, "last_load_seconds", 0.0))
+    def load_weights(self, named: list, version: int, model_cfg, bucket_mb: int) -> dict:
+        """Stream full megatron tensors into the engine in size-bounded buckets of HF tensors."""
+        from megatron_tppo.weights.buckets import sync_weights
+
+        stats = sync_weights(self.engine, iter(named), model_cfg, version, bucket_mb << 20)
+        return {"bytes": stats.bytes, "buckets": stats.buckets, "seconds": stats.seconds}
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return getattr(self.engine, method)(*args, **kwargs)

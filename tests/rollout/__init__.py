@@ -1,0 +1,1 @@
+"""Rollout engine (real vLLM), HF<->megatron weight maps and bucketed weight sync."""
