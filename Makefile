@@ -10,8 +10,13 @@ ARGS ?=
 venv:
 	@bash tools/setup_venv.sh
 
+# The tiny default: build the SFT model once (tools/build_tiny_model.py, idempotent), then train it
+# with T-PPO. TensorBoard: .venv/bin/tensorboard --logdir runs/tiny/tensorboard
+TINY_MODEL := .cache/tiny_sft
+
 run: venv
-	$(PY) -m megatron_tppo.train --config examples/tiny_cpu.yaml $(ARGS)
+	$(PY) tools/build_tiny_model.py --out $(TINY_MODEL)
+	$(PY) -m megatron_tppo.train --config examples/tiny_cpu.yaml model.hf_path=$(TINY_MODEL) $(ARGS)
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)

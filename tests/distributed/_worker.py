@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import sys
 
 import torch
 import torch.distributed as dist
 
 from megatron_tppo.config import LayoutConfig, ModelConfig, OptimizerConfig
+from megatron_tppo.weights.gather import iter_full_params
 from megatron_tppo.training import (
     TrainEngine,
     copy_backbone_into,
@@ -75,26 +75,8 @@ def optimizer_kinds(engine) -> list[str]:
 
 
 def full_params(engine) -> dict[str, torch.Tensor]:
-    """This stage's parameters in the TP=1 layout with global layer numbers."""
-    module = engine.module
-    tp = dist.get_world_size(engine.tp_group)
-    out = {}
-    for name, p in module.named_parameters():
-        t = p.detach().float().clone()
-        if getattr(p, "tensor_model_parallel", False) and tp > 1:
-            parts = [torch.empty_like(t) for _ in range(tp)]
-            dist.all_gather(parts, t.contiguous(), group=engine.tp_group)
-            dim, stride = p.partition_dim, getattr(p, "partition_stride", 1)
-            chunks = [x.chunk(stride, dim) for x in parts]
-            t = torch.cat([chunks[r][j] for j in range(stride) for r in range(tp)], dim)
-        m = re.match(r"decoder\.layers\.(\d+)\.(.*)", name)
-        if m:
-            layer = module.decoder.layers[int(m.group(1))].layer_number - 1
-            name = f"decoder.layers.{layer}.{m.group(2)}"
-        if name == "output_layer.weight" and module.share_embeddings_and_output_weights:
-            continue  # the tied copy on the last stage
-        out[name] = t
-    return out
+    """This stage's parameters in the TP=1 layout with global layer numbers (a tied copy skipped)."""
+    return {k: v.float() for k, v in iter_full_params(engine.module, engine.tp_group)}
 
 
 def run_layout(tag: str, tp: int, pp: int, micro: int, res: dict, ckpt_root: str) -> None:
