@@ -101,6 +101,9 @@ class LayoutConfig:
     """Data-parallel replicas; the distributed optimizer shards optimizer state when > 1."""
     micro_batch_tokens: int = 4096
     """Token budget of one micro-batch after length sorting/packing (bounds activation memory)."""
+    recompute: Literal["none", "full"] = "none"
+    """Activation recomputation: full recomputes every layer in backward (megatron-core
+    recompute_granularity='full', method 'uniform', 1 layer), keeping only layer inputs."""
 
     @property
     def world_size(self) -> int:

@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config file (examples/*.yaml); defaults apply when omitted")
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then exit")
     p.add_argument("--help-config", action="store_true", help="list every config key with its type, default and doc")
+    from megatron_tppo.plan import add_plan_args  # pure: with --dry-run --nodes K, print the layout plan too
+
+    add_plan_args(p)
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     return p
 
@@ -138,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg, args = parse_config(argv)
         if args.dry_run:
             print(dump_yaml(cfg), end="")
+            if args.nodes is not None:
+                from megatron_tppo.plan import run_plan
+
+                return run_plan(cfg, args)
             return 0
         check_model_dir(cfg)
         out = Path(cfg.logging.output_dir)

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# One Ray node of a Slurm job, run by slurm/tppo_32b.sh through
+#   srun --nodes=1 --ntasks=1 -w <node> slurm/ray_node.sh head|worker <head_ip> <gcs_port>
+# It picks its own free ports on the node it runs on, starts Ray in the foreground (`ray start
+# --block`: every Ray daemon stays a child of this step, so stopping the srun step stops exactly
+# this node's Ray and nothing else of the user's), and removes its temp dir when Ray exits.
+# tppo_32b.sh stops it with SIGUSR2 to the srun (forwarded here; srun itself turns SIGTERM into
+# an immediate kill of the step, which would leave the temp dir behind).
+#
+# Why every port is explicit: several Ray nodes of one host (two jobs sharing a node, or the
+# emulated nodes of tests/slurm, where all "nodes" are 127.0.0.1) must not collide. Ray 2.60
+# accepts several raylets on one IP when each has its own node-manager, object-manager,
+# dashboard-agent, runtime-env-agent and metrics ports and its own --temp-dir; worker processes
+# bind random free ports (no --min-worker-port). Fixed defaults that would collide: 6379 (GCS),
+# 10001 (client server), 8265 (dashboard), 52365 (dashboard agent).
+#
+# Environment: TPPO_RAY (ray CLI, default `ray` on PATH), TPPO_PYTHON (default python3),
+# TPPO_NODE_IP (this node's address; default: head = hostname --ip-address, worker = the local
+# address that routes to the head), RAY_AUTH_MODE/RAY_AUTH_TOKEN_PATH (set by tppo_32b.sh),
+# TPPO_RAY_TMP_ROOT (default /tmp: Ray's unix socket paths must stay under 107 characters).
+set -euo pipefail
+
+role=${1:?usage: ray_node.sh head|worker HEAD_IP GCS_PORT}
+head_ip=${2:?head ip}
+gcs_port=${3:?gcs port}
+ray_bin=${TPPO_RAY:-ray}
+py=${TPPO_PYTHON:-python3}
+node=${SLURMD_NODENAME:-$(hostname -s)}
+tag="[ray-node ${node}]"
+
+# N distinct free TCP ports on this node (bound then released; the window for a race is short)
+free_ports() {
+    "$py" - "$1" <<'EOF'
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket()
+    s.bind(("", 0))
+    socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+EOF
+}
+
+route_ip() {  # the local address used to reach the head (no packet is sent: UDP connect)
+    "$py" -c 'import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect((sys.argv[1], 1)); print(s.getsockname()[0])' "$1"
+}
+
+read -r nm_port om_port agent_http agent_grpc env_agent metrics client_port <<<"$(free_ports 7)"
+tmp_dir="${TPPO_RAY_TMP_ROOT:-/tmp}/ray-${SLURM_JOB_ID:-0}-${node}"
+mkdir -p "$tmp_dir"
+
+args=(--block --disable-usage-stats --temp-dir="$tmp_dir"
+      --node-manager-port="$nm_port" --object-manager-port="$om_port"
+      --dashboard-agent-listen-port="$agent_http" --dashboard-agent-grpc-port="$agent_grpc"
+      --runtime-env-agent-port="$env_agent" --metrics-export-port="$metrics")
+if [[ "$role" == head ]]; then
+    ip=${TPPO_NODE_IP:-$head_ip}
+    args+=(--head --node-ip-address="$ip" --port="$gcs_port" --ray-client-server-port="$client_port"
+           --include-dashboard=false)
+else
+    ip=${TPPO_NODE_IP:-$(route_ip "$head_ip")}
+    args+=(--address="${head_ip}:${gcs_port}" --node-ip-address="$ip")
+fi
+# GPUs: Ray detects those that Slurm made visible (CUDA_VISIBLE_DEVICES); none on CPU nodes.
+echo "${tag} ${role} raylet ${ip}:${nm_port} (slurm node ${node}, job ${SLURM_JOB_ID:-?}, GCS ${head_ip}:${gcs_port}," \
+     "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-none}, temp ${tmp_dir})"
+
+# ray in the background so that this script can clean up after it; SIGTERM from srun is passed on
+"$ray_bin" start "${args[@]}" &
+ray_pid=$!
+trap 'kill -TERM "$ray_pid" 2>/dev/null || true' TERM INT HUP USR2
+rc=0
+while kill -0 "$ray_pid" 2>/dev/null; do
+    wait "$ray_pid" || rc=$?
+done
+echo "${tag} ${role} stopped (exit ${rc})"
+rm -rf "$tmp_dir"
+exit 0

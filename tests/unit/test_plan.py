@@ -1,0 +1,145 @@
+"""Planner: counts and bytes checked against numbers worked out by hand, refusals, the 32B recipe."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_tppo import plan as P
+from megatron_tppo.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = str(ROOT / "examples/qwen2.5_32b/tppo.yaml")
+GiB = 2 ** 30
+
+# A ~0.85B Llama-style model: h 2048, 16 layers, SwiGLU 5632, 16 heads of 128, 4 KV groups, vocab
+# 32000 (= 250 x 128: no padding), no QKV bias, untied.
+ONE_B = ["model.arch=llama", "model.hidden_size=2048", "model.num_layers=16", "model.ffn_hidden_size=5632",
+         "model.num_attention_heads=16", "model.num_query_groups=4", "model.vocab_size=32000",
+         "model.qkv_bias=false", "model.tie_word_embeddings=false", "model.params_dtype=bf16"]
+# by hand: q and o 2048*2048 each, k and v 2048*512 each, MLP 3*2048*5632, two norms 2*2048
+LAYER = 2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 5632 + 2 * 2048
+assert LAYER == 45_092_864
+EMB = 32000 * 2048
+N = 16 * LAYER + EMB + 2048 + EMB  # layers + embedding + final norm + output layer
+
+
+def cfg(*over):
+    return load_config(None, ONE_B + list(over))
+
+
+def test_param_counts_by_hand():
+    m = cfg().model
+    assert P.layer_params(m) == LAYER
+    assert P.model_params(m) == N == 852_559_872
+    assert P.model_params(m, value_head=True) == N - EMB + 2048
+    # Qwen2-style bias on q, k, v: h + 2 * kv more per layer
+    assert P.layer_params(cfg("model.qkv_bias=true").model) == LAYER + 2048 + 2 * 512
+
+
+def test_trainer_memory_tp2_dp2_by_hand():
+    c = cfg("parallel.policy.tensor_parallel=2", "parallel.policy.data_parallel=2",
+            "parallel.policy.micro_batch_tokens=4096")
+    mem = P.trainer_memory(c.model, c.parallel.policy)
+    params = 16 * LAYER // 2 + EMB // 2 + EMB // 2 + 2048  # PP=1: everything on one stage, split by TP
+    assert mem.params == params
+    assert mem.weights == params * 2              # bf16
+    assert mem.grads == params * 4                # fp32 main grads
+    assert mem.optimizer == params * 12 / 2       # fp32 master + 2 moments, sharded over DP=2
+    # activations: 2 bytes x (4h replicated + (2h + 2kv + 3F)/TP) per token and layer
+    per_tok_layer = 2 * (4 * 2048 + (2 * 2048 + 2 * 512 + 3 * 5632) / 2)
+    assert per_tok_layer == 38_400
+    assert mem.activations == 16 * 4096 * per_tok_layer
+    assert mem.logits == 2 * 4 * 4096 * 32000 / 2  # fp32 logits + their gradient, vocab split by TP
+    # full recompute: layer inputs (2h bytes per token) for every layer + one layer's full set
+    rc = P.trainer_memory(c.model, load_config(None, ONE_B + ["parallel.policy.tensor_parallel=2",
+                                                              "parallel.policy.micro_batch_tokens=4096",
+                                                              "parallel.policy.recompute=full"]).parallel.policy)
+    assert rc.activations == 16 * 2 * 2048 * 4096 + 4096 * per_tok_layer
+
+
+def test_pipeline_stage_and_fp32():
+    c = cfg("parallel.policy.pipeline_parallel=4", "model.params_dtype=fp32")
+    mem = P.trainer_memory(c.model, c.parallel.policy)
+    assert mem.params == 4 * LAYER + EMB + 2048  # worst stage: the last (4 layers + output layer + final norm)
+    assert mem.weights == mem.params * 4 and mem.optimizer == mem.params * 8  # fp32: no separate master copy
+    # 1F1B: stage 0 keeps PP micro-batches of layers/PP layers = all layers' worth
+    assert mem.activations == 16 * c.parallel.policy.micro_batch_tokens * 2 * (4 * 2048 + (2 * 2048 + 2 * 512 + 3 * 5632))
+
+
+def test_kv_cache_bytes():
+    m = cfg().model
+    assert P.kv_bytes_per_token(m) == 2 * 16 * 4 * 128 * 2          # K and V, 16 layers, 4 heads, bf16
+    assert P.kv_bytes_per_token(m, tp=2) == 2 * 16 * 2 * 128 * 2
+    assert P.kv_bytes_per_token(m, tp=8) == 2 * 16 * 1 * 128 * 2    # 4 KV heads replicate over TP 8
+
+
+def test_small_layout_fits_and_splits_time():
+    c = cfg("parallel.device=cuda", "parallel.policy.tensor_parallel=2", "parallel.critic.tensor_parallel=2",
+            "rollout.num_engines=2", "rollout.tensor_parallel=2", "rollout.colocate=false",
+            "rollout.gpu_memory_utilization=0.8")
+    pl = P.make_plan(c, nodes=1, gpus_per_node=8)
+    n = pl.numbers
+    assert n["gpus_used"] == 2 + 2 + 4
+    assert n["vllm_weights_gib"] == pytest.approx(N * 2 / 2 / GiB)
+    kv = 0.8 * 79.6 * GiB - N * 2 / 2 - 2 * GiB
+    assert n["kv_cache_gib"] == pytest.approx(kv / GiB)
+    assert n["kv_tokens_per_engine"] == pytest.approx(kv / (2 * 16 * 2 * 128 * 2))
+    assert n["gen_s"] > 0 and n["train_s"] > 0 and n["step_s"] == pytest.approx(n["gen_s"] + n["train_s"])
+    text = "\n".join(pl.lines)
+    assert "policy : TP2 x PP1 x DP1" in text and "vLLM   : 2 engine(s) x TP2" in text and "on their own GPUs" in text
+
+
+@pytest.mark.parametrize("over,nodes,gpn,reason", [
+    (["parallel.policy.tensor_parallel=3"], 1, 8, "does not divide the 16 heads"),
+    (["parallel.critic.pipeline_parallel=3"], 1, 8, "does not divide model.num_layers=16"),
+    (["parallel.policy.tensor_parallel=4"], 1, 2, "spans nodes"),
+    (["parallel.policy.data_parallel=8", "rollout.colocate=false"], 1, 8, "needs 10 GPUs"),
+    (["parallel.policy.data_parallel=3"], 2, 2, "is not a multiple of 2 GPUs per node"),
+    (["rollout.num_engines=4", "rollout.colocate=true"], 1, 8, "colocated vLLM needs 4 GPUs"),
+])
+def test_refuses_layouts_that_do_not_divide(over, nodes, gpn, reason):
+    c = load_config(None, ONE_B + over, validate=False)
+    with pytest.raises(P.PlanError, match=reason):
+        P.make_plan(c, nodes, gpn)
+
+
+def test_refuses_what_does_not_fit():
+    c = load_config(RECIPE, ["parallel.policy.recompute=none"])
+    with pytest.raises(P.PlanError, match=r"policy training needs .* GiB per GPU .*recompute=full"):
+        P.make_plan(c, 4, 8)
+    c = load_config(RECIPE, ["rollout.gpu_memory_utilization=0.2"])
+    with pytest.raises(P.PlanError, match="less than one sequence"):
+        P.make_plan(c, 4, 8)
+
+
+@pytest.mark.parametrize("nodes", [4, 8, 16])
+def test_32b_recipe_fits_on_4_8_16_nodes(nodes, capsys):
+    import argparse
+
+    args = argparse.Namespace(nodes=nodes, gpus_per_node=8, fill=True, prompt_tokens=1024, gpu_memory_gib=79.6)
+    assert P.run_plan(load_config(RECIPE), args) == 0
+    out = capsys.readouterr().out
+    assert f"parallel.policy.data_parallel={nodes // 4}" in out and f"rollout.num_engines={nodes * 2}" in out
+    assert f"GPUs used {nodes * 8} of {nodes * 8}" in out
+    # the model is Qwen2.5-32B: 32.76B parameters with the (untied) embeddings
+    assert "model 32.76B params" in out
+
+
+def test_cli_refusal_exit_code_and_purity():
+    code = ("import sys; from megatron_tppo import plan; rc = plan.main(['--config', sys.argv[1], '--nodes', '3', "
+            "'--fill']); heavy = [m for m in ('ray', 'vllm', 'megatron', 'torch') if m in sys.modules]; "
+            "print('HEAVY', heavy); sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, RECIPE], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 3
+    assert "plan refused" in r.stderr and "24 GPUs is not a multiple" in r.stderr
+    assert "HEAVY []" in r.stdout
+
+
+def test_train_dry_run_prints_the_plan(capsys):
+    from megatron_tppo.train import main
+
+    assert main(["--config", RECIPE, "--dry-run", "--nodes", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "num_slots: 8192" in out and "policy : TP8 x PP2 x DP1 = 16 GPUs" in out
+    assert main(["--config", RECIPE, "--dry-run", "--nodes", "1"]) == 3
