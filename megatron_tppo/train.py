@@ -63,6 +63,22 @@ def check_model_dir(cfg: TPPOConfig) -> Path:
     return path
 
 
+def _install_stop_signals() -> list:
+    """SIGTERM (scancel) and SIGUSR1 (Slurm's warning before the time limit) end the run after the
+    current step instead of killing it mid-update; the returned list holds the signal's name."""
+    import signal
+
+    got: list = []
+
+    def handler(signum, _frame):
+        if not got:
+            got.append(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, handler)
+    return got
+
+
 def run(cfg: TPPOConfig) -> dict:
     """Run T-PPO for ``cfg.steps`` steps; returns the last metrics (with eval/accuracy_start/_end)."""
     from tqdm import tqdm
@@ -116,6 +132,7 @@ def run(cfg: TPPOConfig) -> dict:
             logger.log(0, first)
             print(f"[tppo] step 0 eval: accuracy {first['eval/accuracy']:.3f}", flush=True)
         metrics: dict = {}
+        stop = _install_stop_signals()
         bar = tqdm(range(cfg.steps), desc="T-PPO", unit="step", disable=not cfg.logging.progress_bar,
                    dynamic_ncols=True)
         for step in bar:
@@ -125,6 +142,9 @@ def run(cfg: TPPOConfig) -> dict:
                 metrics.update(loop.evaluate())
             logger.log(step + 1, metrics)
             bar.write(summary_line(step + 1, metrics))
+            if stop:
+                bar.write(f"[tppo] {stop[0]} received: stopping cleanly after step {step + 1}")
+                break
         if first:
             metrics["eval/accuracy_start"] = first["eval/accuracy"]
         return metrics

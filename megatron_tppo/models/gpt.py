@@ -33,7 +33,7 @@ def derive_seed(seed: int, tag: int) -> int:
     return (seed * 1_000_003 + tag) % (2**63 - 1)
 
 
-def transformer_config(m: ModelConfig, tp: int, pp: int, device: str):
+def transformer_config(m: ModelConfig, tp: int, pp: int, device: str, recompute: str = "none"):
     """megatron-core TransformerConfig for ``m`` at tensor/pipeline sizes ``tp``/``pp``.
 
     On CPU every fused kernel is off (they are CUDA kernels); on GPU with Transformer Engine the
@@ -80,6 +80,9 @@ def transformer_config(m: ModelConfig, tp: int, pp: int, device: str):
         bias_dropout_fusion=False,
         gradient_accumulation_fusion=False,
         **fp8_transformer_kwargs(m.fp8, m.fp8_recipe),
+        # full recompute keeps only each layer's input and redoes the layer in backward
+        **(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+           if recompute == "full" else {}),
     )
 
 
@@ -136,7 +139,8 @@ def _redraw_output_layer(model, m: ModelConfig, seed: int) -> None:
         w.copy_(master[tp_rank * rows:(tp_rank + 1) * rows].to(w.dtype))
 
 
-def build_gpt(m: ModelConfig, device: str, seed: int, *, tie_embeddings: Optional[bool] = None):
+def build_gpt(m: ModelConfig, device: str, seed: int, *, tie_embeddings: Optional[bool] = None,
+              recompute: str = "none"):
     """Build this rank's pipeline stage of the GPT model (parallel_state must be initialized).
 
     Returns a megatron-core GPTModel on ``device`` whose forward gives vocab-parallel logits
@@ -150,7 +154,7 @@ def build_gpt(m: ModelConfig, device: str, seed: int, *, tie_embeddings: Optiona
     if m.padded_vocab_size % tp:
         raise ValueError(f"tensor parallel size {tp} must divide the padded vocabulary {m.padded_vocab_size}")
     tie = m.tie_word_embeddings if tie_embeddings is None else tie_embeddings
-    config = transformer_config(m, tp, pp, device)
+    config = transformer_config(m, tp, pp, device, recompute)
     with torch.random.fork_rng(devices=[]):
         # The embedding is the first RNG consumer in GPTModel.__init__ (first stage only).
         torch.manual_seed(derive_seed(seed, _TAG_EMBEDDING))

@@ -22,6 +22,9 @@ Patches, each with the upstream assumption it answers:
    megatron's inference (no-op) tracker instead; that is exact because the project trains with
    dropout 0 and initializes weights on the CPU RNG (``use_cpu_initialization=True``).
 
+5. Activation recompute saves/restores the CUDA RNG state with ``torch.cuda.random`` (in
+   ``tensor_parallel/random.py``): those two helpers become no-ops on CPU.
+
 Not patched here but avoided by the callers: the causal mask megatron builds with
 ``device="cuda"`` when ``attention_mask is None`` (the engine passes an explicit mask on CPU), and
 the fused kernels (masked softmax, bias-activation, RoPE, grad-accumulation fusion), which the
@@ -105,6 +108,11 @@ def install() -> None:
         from megatron.core.tensor_parallel import random as mp_random
 
         mp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+        # Patch 5: activation recompute (CheckpointFunction) saves and restores the CUDA RNG
+        # state around each recomputed layer via torch.cuda.random; there is no CUDA generator, so
+        # an empty state stands in (nothing draws from it: dropout is 0).
+        mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+        mp_random._set_cuda_rng_state = lambda *args, **kwargs: None
         _INSTALLED = True
 
 

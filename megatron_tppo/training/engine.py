@@ -81,7 +81,7 @@ class TrainEngine:
         self.pad_to_multiple = pad_to_multiple or (16 if model_cfg.fp8 else 1)
 
         build = build_critic if role == "critic" else build_gpt
-        model = build(model_cfg, device, seed)
+        model = build(model_cfg, device, seed, recompute=layout.recompute)
         self.module = model  # the unwrapped GPTModel of this pipeline stage
         self.config = model.config
         wrapped = model
