@@ -35,6 +35,7 @@ import socket
 import struct
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -194,6 +195,7 @@ def _rank_entry(rank: int, world: int, port: int, fn, args) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    warnings.filterwarnings("ignore")  # megatron's Apex/TE fallback notices, once per rank: noise here
     from megatron_tppo.training import destroy_parallel
 
     try:
@@ -209,7 +211,7 @@ def run_ranks(fn, world: int, *args) -> None:
     try:
         mp.start_processes(_rank_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True,
                            start_method="spawn")
-    except mp.ProcessException as e:  # the failing rank's traceback is in the message
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:  # the failing rank's traceback is in the message
         raise RuntimeError(f"a conversion rank failed: {e}") from None
 
 
@@ -228,8 +230,10 @@ def summarize(stats: dict) -> str:
     gb, sec = stats["bytes"] / 1e9, stats["seconds"]
     peak = max(r["peak_rss_bytes"] for r in stats["ranks"])
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return (f"converted {gb:.3f} GB in {sec:.1f} s ({gb / sec:.3f} GB/s with {stats['world']} rank(s), start-up "
-            f"included); peak RSS per rank {peak / 2**20:.0f} MiB, launcher {own / 2**20:.0f} MiB")
+    work = max(r.get("work_seconds", 0.0) for r in stats["ranks"]) or float("nan")
+    return (f"converted {gb:.3f} GB in {sec:.1f} s ({gb / sec:.3f} GB/s with {stats['world']} rank(s) and start-up; "
+            f"load+write alone {work:.1f} s, {gb / work:.3f} GB/s); peak RSS per rank {peak / 2**20:.0f} MiB, "
+            f"launcher {own / 2**20:.0f} MiB")
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -262,7 +266,7 @@ def convert_hf_to_megatron(jobs: list[HFToMegatronJob], *, force: bool = False, 
     """Validate every job, then convert them all in one launch of lcm(tp*pp) ranks. Returns stats."""
     plans = []
     for j in jobs:
-        m, cfg = read_hf_model(j.hf_dir, j.dtype, j.tp, j.pp)
+        m, _ = read_hf_model(j.hf_dir, j.dtype, j.tp, j.pp)
         plans.append((j, m, check_output(j.output, force)))
     for _, _, out in plans:
         _reset_output(out)
@@ -284,11 +288,13 @@ def _hf_to_megatron_rank(plans, device: str, progress: bool, stats_dir: str) -> 
     from megatron_tppo.training import TrainEngine, init_parallel
     from megatron_tppo.weights.hf_io import load_hf_into
 
+    work = 0.0
     for j, m in plans:
         info = init_parallel(j.tp, j.pp, device)
         layout = LayoutConfig(tensor_parallel=j.tp, pipeline_parallel=j.pp, data_parallel=info.dp)
         eng = TrainEngine(m, layout, OptimizerConfig(), role="critic" if j.critic else "policy", device=device,
                           seed=j.seed, with_optimizer=False)
+        t0 = time.perf_counter()
         total = sum(p.numel() * p.element_size() for p in eng.module.parameters())
         shown = progress and info.tp_rank == 0 and info.dp_rank == 0
         with _progress(2 * total, f"{Path(j.output).name} stage {info.pp_rank}: load+save", shown) as bar:
@@ -304,8 +310,9 @@ def _hf_to_megatron_rank(plans, device: str, progress: bool, stats_dir: str) -> 
             bar.update(total)
             eng.save(j.output, with_optimizer=False)
             bar.update(total)
+        work += time.perf_counter() - t0
         del eng
-    _write_rank_stats(stats_dir)
+    _write_rank_stats(stats_dir, work_seconds=work)
 
 
 # ------------------------------------------------------------------ megatron -> HF
@@ -370,7 +377,7 @@ def convert_megatron_to_hf(jobs: list[MegatronToHFJob], *, force: bool = False, 
         ranks = _read_rank_stats(stats_dir)
     nbytes = 0
     for j, m, role, dtype, extra, out in plans:
-        nbytes += _finish_hf_dir(out, j.pp)
+        nbytes += finish_hf_dir(out, j.pp)
         orig = json.loads((extra / "config.json").read_text()) if extra and (extra / "config.json").is_file() else {}
         write_hf_config(out, dataclasses.replace(m, tie_word_embeddings=m.tie_word_embeddings or role == "critic"),
                         dtype, orig)
@@ -432,7 +439,7 @@ class ShardStreamWriter:
         self.files = [f"{prefix}-{i:05d}.safetensors" for i in range(len(self.shards))]
         self.total_bytes = sum(math.prod(s) for _, s in plan) * self.item
         self._queue = [(i, name, shape) for i, shard in enumerate(self.shards) for name, shape in shard]
-        self._pos, self._file, self._fh = 0, -1, None
+        self.written, self._file, self._fh = 0, -1, None
 
     def _header(self, shard) -> bytes:
         head, off = {"__metadata__": {"format": "pt"}}, 0
@@ -445,9 +452,9 @@ class ShardStreamWriter:
         return struct.pack("<Q", len(raw)) + raw
 
     def write(self, name: str, tensor: torch.Tensor) -> int:
-        if self._pos >= len(self._queue):
+        if self.written >= len(self._queue):
             raise RuntimeError(f"unplanned tensor {name!r}")
-        i, want, shape = self._queue[self._pos]
+        i, want, shape = self._queue[self.written]
         if (name, tuple(tensor.shape)) != (want, shape) or tensor.dtype != self.dtype:
             raise RuntimeError(f"expected {want} {shape} {self.dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
         if i != self._file:
@@ -456,7 +463,7 @@ class ShardStreamWriter:
             self._fh.write(self._header(self.shards[i]))
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
         self._fh.write(memoryview(data.numpy()))
-        self._pos += 1
+        self.written += 1
         return data.numel()
 
     def close(self) -> None:
@@ -466,47 +473,63 @@ class ShardStreamWriter:
 
     def finish(self) -> list[dict]:
         self.close()
-        if self._pos != len(self._queue):
-            raise RuntimeError(f"only {self._pos} of {len(self._queue)} planned tensors were written")
+        if self.written != len(self._queue):
+            raise RuntimeError(f"only {self.written} of {len(self._queue)} planned tensors were written")
         return [{"file": f, "names": [n for n, _ in s], "bytes": sum(math.prod(sh) for _, sh in s) * self.item}
                 for f, s in zip(self.files, self.shards)]
+
+
+def stream_stage_to_hf(eng, m: ModelConfig, info, out_dir, dtype: str, max_shard_size: int,
+                       progress: bool = False) -> None:
+    """Collective over one TP group: gather this stage tensor by tensor, write its HF shards.
+
+    The writing rank (tp_rank 0, dp_rank 0) leaves ``part-<stage>-*.safetensors`` and
+    ``part-<stage>.json`` in ``out_dir`` (and a critic's value head); :func:`finish_hf_dir` joins
+    the stages. ``info`` is the :class:`~megatron_tppo.training.ParallelInfo` of this rank.
+    """
+    from megatron_tppo.weights.gather import iter_full_params
+
+    out_dir, out_dtype, critic = Path(out_dir), DTYPES[dtype], eng.role == "critic"
+    writer = info.tp_rank == 0 and info.dp_rank == 0
+    if writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    w = ShardStreamWriter(out_dir, f"part-{info.pp_rank:03d}", plan_stage(eng.module, m, info.tp, out_dtype, critic),
+                          out_dtype, max_shard_size)
+    with _progress(w.total_bytes, f"{out_dir.name} stage {info.pp_rank}", progress and writer) as bar:
+        for name, t in iter_full_params(eng.module, eng.tp_group, include_output_layer=not critic, dtype=out_dtype):
+            for hf_name, ht in megatron_to_hf(name, t, m):
+                if writer:
+                    bar.update(w.write(hf_name, ht))
+                    bar.set_postfix(tensors=w.written, refresh=False)
+    if not writer:
+        return
+    (out_dir / f"part-{info.pp_rank:03d}.json").write_text(json.dumps(w.finish()))
+    if critic and info.is_last_stage:
+        from safetensors.torch import save_file
+
+        head = eng.module.output_layer
+        save_file({"value_head.weight": head.weight.detach().to(out_dtype).contiguous(),
+                   "value_head.bias": head.bias.detach().to(out_dtype).contiguous()}, str(out_dir / VALUE_HEAD_FILE))
 
 
 def _megatron_to_hf_rank(plans, device: str, progress: bool, stats_dir: str) -> None:
     from megatron_tppo.config import LayoutConfig, OptimizerConfig
     from megatron_tppo.training import TrainEngine, init_parallel
-    from megatron_tppo.weights.gather import iter_full_params
 
+    work = 0.0
     for j, m, role, dtype in plans:
         info = init_parallel(j.tp, j.pp, device)
         layout = LayoutConfig(tensor_parallel=j.tp, pipeline_parallel=j.pp, data_parallel=info.dp)
         eng = TrainEngine(m, layout, OptimizerConfig(), role=role, device=device, with_optimizer=False)
+        t0 = time.perf_counter()
         eng.load(j.checkpoint, with_optimizer=False)
-        out_dtype, critic = DTYPES[dtype], role == "critic"
-        writer = info.tp_rank == 0 and info.dp_rank == 0
-        w = ShardStreamWriter(Path(j.output), f"part-{info.pp_rank:03d}", plan_stage(eng.module, m, j.tp, out_dtype, critic),
-                              out_dtype, j.max_shard_size)
-        with _progress(w.total_bytes, f"{Path(j.output).name} stage {info.pp_rank}", progress and writer) as bar:
-            for name, t in iter_full_params(eng.module, eng.tp_group, include_output_layer=not critic, dtype=out_dtype):
-                for hf_name, ht in megatron_to_hf(name, t, m):
-                    if writer:
-                        bar.update(w.write(hf_name, ht))
-                        bar.set_postfix(tensors=w._pos, refresh=False)
-        if writer:
-            parts = w.finish()
-            (Path(j.output) / f"part-{info.pp_rank:03d}.json").write_text(json.dumps(parts))
-            if critic and info.is_last_stage:
-                from safetensors.torch import save_file
-
-                head = eng.module.output_layer
-                save_file({"value_head.weight": head.weight.detach().to(out_dtype).contiguous(),
-                           "value_head.bias": head.bias.detach().to(out_dtype).contiguous()},
-                          str(Path(j.output) / VALUE_HEAD_FILE))
+        stream_stage_to_hf(eng, m, info, j.output, dtype, j.max_shard_size, progress)
+        work += time.perf_counter() - t0
         del eng
-    _write_rank_stats(stats_dir)
+    _write_rank_stats(stats_dir, work_seconds=work)
 
 
-def _finish_hf_dir(out: Path, pp: int) -> int:
+def finish_hf_dir(out: Path, pp: int) -> int:
     """Rename the stages' part files to model-0000i-of-0000N and write the index; returns bytes."""
     parts = []
     for stage in range(pp):
