@@ -79,11 +79,41 @@ def _install_stop_signals() -> list:
     return got
 
 
+def initialize(cfg: TPPOConfig, loop, model_dir: Path) -> int:
+    """Load the starting weights; returns the first step to run.
+
+    Resume (``checkpoint.resume``): the latest whole run checkpoint (models, optimizers, window
+    pool, prompt stream, RNG). Otherwise the policy comes from ``checkpoint.load_policy`` (a
+    torch_dist checkpoint, e.g. from tools/convert_hf_to_megatron.py) or the HF model, and the
+    critic from ``checkpoint.load_critic`` or the same HF backbone with a fresh value head.
+    """
+    from megatron_tppo.controller import run_checkpoint
+
+    if cfg.checkpoint.resume:
+        path = run_checkpoint.latest_checkpoint(run_checkpoint.checkpoint_root(cfg.logging.output_dir))
+        if path is not None:
+            start = run_checkpoint.load(path, loop)
+            loop.sync_weights()  # the rollout engine starts from the HF weights: give it the policy's
+            print(f"[tppo] resumed from {path} at step {start}", flush=True)
+            return start
+        print("[tppo] checkpoint.resume: no whole checkpoint found; starting from the initial weights", flush=True)
+    if cfg.checkpoint.load_policy:
+        loop.policy.load(cfg.checkpoint.load_policy, with_optimizer=False)
+        loop.sync_weights()
+    else:
+        loop.policy.load_hf(str(model_dir))
+    if cfg.checkpoint.load_critic:
+        loop.critic.load(cfg.checkpoint.load_critic, with_optimizer=False)
+    else:
+        loop.critic.load_hf(str(model_dir))
+    return 0
+
+
 def run(cfg: TPPOConfig) -> dict:
     """Run T-PPO for ``cfg.steps`` steps; returns the last metrics (with eval/accuracy_start/_end)."""
     from tqdm import tqdm
 
-    from megatron_tppo.controller import cluster
+    from megatron_tppo.controller import cluster, run_checkpoint
     from megatron_tppo.controller.groups import RolloutGroup, TrainerGroup
     from megatron_tppo.controller.loop import Task, TPPOLoop
     from megatron_tppo.data.datasets import build_eval_prompts, build_prompt_stream, reward_name
@@ -121,20 +151,21 @@ def run(cfg: TPPOConfig) -> dict:
         critic = TrainerGroup("critic", cfg.model, cfg.parallel.critic, cfg.optim.critic, role="critic",
                               device=device, seed=cfg.seed + 1, total_steps=cfg.steps, threads=threads)
         groups.append(critic)
-        policy.load_hf(str(model_dir))
-        critic.load_hf(str(model_dir))
         print(f"[tppo] cluster up in {time.perf_counter() - t0:.1f} s: policy {policy.world} ranks, "
               f"critic {critic.world} ranks, {cfg.rollout.num_engines} rollout engine(s) on {device}", flush=True)
 
         loop = TPPOLoop(cfg, policy, critic, rollout, task, logger)
-        first = loop.evaluate() if task.eval_prompts and cfg.data.eval_every > 0 else {}
+        start = initialize(cfg, loop, model_dir)
+        first = loop.evaluate() if task.eval_prompts and cfg.data.eval_every > 0 and start == 0 else {}
         if first:
             logger.log(0, first)
             print(f"[tppo] step 0 eval: accuracy {first['eval/accuracy']:.3f}", flush=True)
         metrics: dict = {}
         stop = _install_stop_signals()
-        bar = tqdm(range(cfg.steps), desc="T-PPO", unit="step", disable=not cfg.logging.progress_bar,
+        bar = tqdm(range(start, cfg.steps), desc="T-PPO", initial=start, total=cfg.steps, unit="step",
+                   disable=not cfg.logging.progress_bar,
                    dynamic_ncols=True)
+        ckpt_root = run_checkpoint.checkpoint_root(out)
         for step in bar:
             metrics = loop.step(step)
             last = step + 1 == cfg.steps
@@ -142,8 +173,11 @@ def run(cfg: TPPOConfig) -> dict:
                 metrics.update(loop.evaluate())
             logger.log(step + 1, metrics)
             bar.write(summary_line(step + 1, metrics))
+            every = cfg.checkpoint.save_every
+            if stop or last or (every and (step + 1) % every == 0):
+                run_checkpoint.save(ckpt_root, step + 1, loop, cfg.checkpoint.keep_last)
             if stop:
-                bar.write(f"[tppo] {stop[0]} received: stopping cleanly after step {step + 1}")
+                bar.write(f"[tppo] {stop[0]} received: checkpointed and stopping after step {step + 1}")
                 break
         if first:
             metrics["eval/accuracy_start"] = first["eval/accuracy"]

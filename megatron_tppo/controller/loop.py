@@ -54,6 +54,15 @@ class TPPOLoop:
         self.filtered_groups = 0
         self.utilization = 0.0
 
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict:
+        """The loop's own state (models and the prompt stream are saved by their owners)."""
+        return {"version": self.version, "filtered_groups": self.filtered_groups, "pool": self.pool.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.version, self.filtered_groups = state["version"], state["filtered_groups"]
+        self.pool.load_state_dict(state["pool"])
+
     # ------------------------------------------------------------------ one step
     def step(self, step: int) -> dict:
         cfg, m, t_step = self.cfg, {}, time.perf_counter()

@@ -3,13 +3,15 @@
 A problem is a start value and a chain of one-digit additions/subtractions, each keyed by a letter:
 
     prompt:   ``47 a+8 b-3 c+5 ?``
-    solution: ``a:47+8=55 b:55-3=52 c:52+5=57 #57`` then EOS
+    solution: ``a+8:47=55 b-3:55=52 c+5:52=57 #57`` then EOS
 
 Why this shape
     * The answer needs the whole chain: every step depends on the previous result, so a model that
       skips steps guesses (1 in 100). Each step is local and small (two-digit +- one digit, with a
       carry), so a few-million-parameter model learns it in minutes on a CPU.
-    * Terms are looked up by their letter (content-based attention), not by counting positions.
+    * Each step first restates its term right after the term's letter (``b-3``): after writing
+      ``b`` the model copies what follows ``b`` in the prompt, a plain induction-head pattern
+      that small transformers learn early; the rest of the step reads fixed offsets back.
     * Values are zero-padded to two digits, so every step is exactly 10 characters (tokens of the
       character-level tokenizer): the correct response length is ``10 * steps + 4`` tokens with
       EOS, i.e. 14 tokens for one step to 174 for the cap of 17 (fits ``max_response_tokens=192``).
@@ -72,7 +74,7 @@ class ArithProblem:
         """The worked step-by-step response (without EOS), ending in ``#<answer>``."""
         parts, prev = [], self.start
         for i, ((op, d), v) in enumerate(zip(self.terms, self.values())):
-            parts.append(f"{LETTERS[i]}:{prev:02d}{op}{d}={v:02d}")
+            parts.append(f"{LETTERS[i]}{op}{d}:{prev:02d}={v:02d}")
             prev = v
         return " ".join(parts) + f" {ANSWER_MARK}{prev:02d}"
 

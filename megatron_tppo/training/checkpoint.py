@@ -39,6 +39,9 @@ def save_checkpoint(engine, ckpt_dir: str, with_optimizer: bool = True) -> None:
     model_sd = _model_sharded_state_dict(engine)
     state = {"model": model_sd, "steps": engine.steps, "role": engine.role}
     if with_optimizer and engine.optimizer is not None:
+        # an optimizer that has not stepped yet (a critic before its first finished response, a
+        # policy during critic warm-up) has no Adam state, which megatron's state_dict rejects
+        _prime_optimizer_state(engine.optimizer)
         state["optimizer"] = engine.optimizer.sharded_state_dict(model_sd, metadata=_OPT_METADATA)
         state["scheduler"] = engine.scheduler.state_dict()
     dist_checkpointing.save(state, ckpt_dir, sharded_strategy=("torch_dist", 1))

@@ -80,3 +80,24 @@ def test_e2e_policy_tp2_critic_pp2(ray_cluster, tiny_model, tmp_path):
 def test_e2e_policy_pp2(ray_cluster, tiny_model, tmp_path):
     cfg, tb = run_tiny(tmp_path, tiny_model, ["parallel.policy.pipeline_parallel=2"])
     check_run(cfg, tb)
+
+
+RESUME_TAGS = ["policy/loss", "policy/grad_norm", "critic/value_loss", "rollout/generated_tokens",
+               "rollout/response_length_mean", "rollout/logprob_mismatch_mean", "rollout/prompts_taken"]
+
+
+@pytest.mark.slow
+def test_resume_reaches_the_same_metrics(ray_cluster, tiny_model, tmp_path):
+    """4 steps straight vs 2 steps + checkpoint + resume to 4: the same metrics (rel. 1e-4)."""
+    common = ["data.eval_every=0", "checkpoint.keep_last=1"]
+    _, straight = run_tiny(tmp_path / "a", tiny_model, common + ["steps=4"])
+    run_tiny(tmp_path / "b", tiny_model, common + ["steps=2"])
+    assert (tmp_path / "b" / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
+    _, resumed = run_tiny(tmp_path / "b", tiny_model, common + ["steps=4", "checkpoint.resume=true"])
+    for tag in RESUME_TAGS:
+        want = dict(straight[tag])
+        got = dict(resumed[tag])  # the event files of both halves
+        for step in (3, 4):
+            if step in want:
+                assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-6), (tag, step)
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step_00000004"]
