@@ -44,7 +44,7 @@ def test_values_follow_the_chain_mod_100():
     p = ArithProblem(95, (("+", 7), ("-", 3), ("-", 9)))
     assert p.values() == [2, 99, 90]
     assert p.prompt == "95 a+7 b-3 c-9 ?"
-    assert p.solution == "a:95+7=02 b:02-3=99 c:99-9=90 #90"
+    assert p.solution == "a+7:95=02 b-3:02=99 c-9:99=90 #90"
 
 
 def test_length_distribution_has_a_long_tail():
@@ -55,14 +55,14 @@ def test_length_distribution_has_a_long_tail():
     assert min(lengths) >= 10 and max(lengths) <= 192  # fits max_response_tokens of tiny_cpu.yaml
 
 
-@pytest.mark.parametrize("text,expected", [("a:01+2=03 #03", 3), ("#5 then #07", 7), ("no answer", None),
+@pytest.mark.parametrize("text,expected", [("a+2:01=03 #03", 3), ("#5 then #07", 7), ("no answer", None),
                                            ("# 42", 42)])
 def test_parse_answer(text, expected):
     assert parse_answer(text) == expected
 
 
 def test_reward_without_answer_or_wrong_is_zero():
-    assert arith_reward("a:01+2=03", {"answer": 3}) == 0.0
+    assert arith_reward("a+2:01=03", {"answer": 3}) == 0.0
     assert arith_reward("#03<eos>", {"answer": 3}) == 1.0
     assert arith_reward("#4", {"answer": "4"}) == 1.0
 

@@ -75,7 +75,7 @@ def test_bad_rows_are_skipped_and_counted(tmp_path):
 @pytest.mark.parametrize("k", range(len(BAD_LINES)))
 def test_bad_rows_error_names_file_and_line(tmp_path, k):
     path = write_jsonl(tmp_path / "d.jsonl", GOOD[:1], [BAD_LINES[k]])
-    with pytest.raises(DataError, match=rf"d\.jsonl:2: "):
+    with pytest.raises(DataError, match=r"d\.jsonl:2: "):
         read_records(path, bad_rows="error")
 
 

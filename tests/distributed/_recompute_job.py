@@ -1,6 +1,6 @@
 """Train step with recompute=none vs full in one process (TP=1): loss, grad norm and new weights agree."""
 import sys
-import dataclasses, torch
+import torch
 from megatron_tppo.config import LayoutConfig, ModelConfig, OptimizerConfig
 from megatron_tppo.training import TrainEngine, init_parallel
 init_parallel(1,1,'cpu')
