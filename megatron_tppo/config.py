@@ -238,6 +238,8 @@ class AlgorithmConfig:
     """Passes over one step's policy batch."""
     critic_epochs: int = 1
     """Passes over one step's critic batch."""
+    max_nonfinite_updates: int = 10
+    """Stop the run after this many consecutive updates skipped for a NaN/inf loss."""
 
 
 @dataclass
@@ -434,6 +436,7 @@ class TPPOConfig:
         for name in ("positive_lm_coef", "entropy_coef", "kl_coef", "overlong_penalty"):
             check(getattr(a, name) >= 0, f"algorithm.{name}", f"must be >= 0, got {getattr(a, name)}")
         check(a.critic_warmup_steps >= 0, "algorithm.critic_warmup_steps", "must be >= 0")
+        check(a.max_nonfinite_updates >= 1, "algorithm.max_nonfinite_updates", "must be >= 1")
         check(a.policy_epochs >= 1 and a.critic_epochs >= 1, "algorithm.policy_epochs",
               "policy_epochs and critic_epochs must be >= 1")
 

@@ -53,6 +53,8 @@ class TPPOLoop:
         self.critic_loss = functools.partial(critic_objective, value_clip=a.value_clip)
         self.filtered_groups = 0
         self.utilization = 0.0
+        self.nonfinite_total = 0
+        self.nonfinite_streak = 0
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict:
@@ -83,11 +85,23 @@ class TPPOLoop:
         if finished:
             m.update(self.update_critic(finished))
         m["perf/train_s"] = time.perf_counter() - t0
+        self._check_nonfinite(m)
         if step >= cfg.algorithm.critic_warmup_steps and segments:
             m.update(self.sync_weights())
         m.update(self.rollout_metrics(batch, gen_tokens))
         m["perf/step_s"] = time.perf_counter() - t_step
         return m
+
+    def _check_nonfinite(self, m: dict) -> None:
+        """Count updates the engine skipped for a NaN/inf loss; stop after too many in a row."""
+        bad = int(m.get("policy/nonfinite_loss", 0) + m.get("critic/nonfinite_loss", 0))
+        self.nonfinite_total += bad
+        self.nonfinite_streak = self.nonfinite_streak + 1 if bad else 0
+        m["health/nonfinite_updates"] = float(self.nonfinite_total)
+        limit = self.cfg.algorithm.max_nonfinite_updates
+        if self.nonfinite_streak >= limit:
+            raise RuntimeError(f"{self.nonfinite_streak} consecutive steps with a NaN/inf loss "
+                               f"(algorithm.max_nonfinite_updates={limit}); stopping")
 
     @staticmethod
     def _timed(fn, *args):
@@ -211,6 +225,7 @@ class TPPOLoop:
              "rollout/in_flight": float(st["in_flight"]), "rollout/pending": float(st["pending"]),
              "rollout/filtered_groups": float(self.filtered_groups),
              "rollout/slot_utilization": float(self.utilization),
+             "health/bad_rows": float(getattr(self.task.prompts, "bad_rows", 0)),
              "rollout/length_capped": float(sum(1 for s in fin if s.finish_reason == "length_cap"))}
         if fin:
             m.update({"train/reward_mean": sum(rewards) / len(rewards),

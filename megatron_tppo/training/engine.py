@@ -36,6 +36,7 @@ Micro-batches: length-sorted, bounded by ``LayoutConfig.micro_batch_tokens`` pad
 """
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Callable, Optional
 
@@ -238,14 +239,21 @@ class TrainEngine:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         rows, mbs, store = self._run(batch, loss_fn, float(global_num_tokens), with_entropy, forward_only=False)
-        ok, grad_norm, _ = self.optimizer.step()
+        metrics = self._reduce_metrics(store)  # identical on every rank, so all ranks decide alike
+        finite = math.isfinite(metrics.get("loss", 0.0))
+        if finite:
+            ok, grad_norm, _ = self.optimizer.step()
+        else:
+            # a NaN/inf loss would poison the weights through the gradients: drop this update
+            self.model.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            ok, grad_norm = False, None
         if ok:
             self.scheduler.step(increment=1)
             self.steps += 1
-        metrics = self._reduce_metrics(store)
         metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                        lr=float(self.optimizer.param_groups[0]["lr"]), num_micro_batches=float(len(mbs)),
-                       skipped=float(not ok))
+                       skipped=float(not ok), nonfinite_loss=float(not finite))
         return metrics
 
     def _reduce_metrics(self, store: list[dict]) -> dict[str, float]:
