@@ -13,7 +13,8 @@ synthetic arithmetic task (megatron_tppo/data/arith.py), saved in Hugging Face f
   (short chains right, long chains often wrong) so that RL has something to improve. The
   held-out accuracy is measured greedily with HF ``generate`` and stored in ``tppo_build.json``.
 * Idempotent: when ``--out`` already holds a complete build with the same settings it exits at
-  once (``--force`` rebuilds). ``tppo_build.json`` is written last, so a killed build is redone.
+  once (``--force`` rebuilds). ``tppo_build.json`` is written last, so a killed build is redone;
+  Ctrl-C stops training early but still evaluates and saves (marked ``interrupted``: never reused).
 """
 from __future__ import annotations
 
@@ -110,6 +111,40 @@ def exact_match(logits, labels):
     return ok.all(dim=1).float().mean().item()
 
 
+def train_loop(model, opt, sched, data, bar, probe_ids, probe_labels, args, stats: dict) -> int:
+    """SFT steps over ``bar``; ``stats`` (ema loss, tokens, probe, steps) is updated in place so a
+    Ctrl-C leaves it current. Returns the number of optimizer steps done."""
+    import torch
+
+    stats.update(ema=None, tokens=0, probe=0.0, steps=0)
+    for step in bar:
+        if args.target_accuracy > 0 and step > 0 and step % args.probe_every == 0:
+            # Stop as soon as the held-out greedy accuracy (exact-match probe) reaches the target:
+            # the model must stay PARTIAL, so RL has something to learn.
+            model.eval()
+            with torch.no_grad():
+                mask = (probe_ids != chartok.PAD_ID).long()
+                stats["probe"] = exact_match(model(input_ids=probe_ids, attention_mask=mask).logits, probe_labels)
+            model.train()
+            if stats["probe"] >= args.target_accuracy:
+                break
+        ids, labels = next(data)
+        logits = model(input_ids=ids, attention_mask=(ids != chartok.PAD_ID).long()).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                                 ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        stats["tokens"] += ids.numel()
+        stats["ema"] = loss.item() if stats["ema"] is None else 0.95 * stats["ema"] + 0.05 * loss.item()
+        stats["steps"] = step + 1
+        bar.set_postfix(loss=f"{stats['ema']:.3f}", heldout_em=f"{stats['probe']:.2f}",
+                        lr=f"{sched.get_last_lr()[0]:.1e}")
+    return stats["steps"]
+
+
 def evaluate(model, task: ArithTask, n: int, seed: int, max_new_tokens: int, batch_size: int = 100) -> dict:
     """Greedy accuracy on ``n`` distinct held-out problems (HF generate, left padding)."""
     import torch
@@ -163,7 +198,7 @@ def existing_build(out: Path, settings: dict) -> dict | None:
         info = json.loads(info_path.read_text())
     except json.JSONDecodeError:
         return None
-    return info if info.get("settings") == settings else None
+    return info if info.get("settings") == settings and not info.get("interrupted") else None
 
 
 def build(args) -> dict:
@@ -199,31 +234,13 @@ def build(args) -> dict:
     # seed + 1: the probe that decides when to stop is not the set the accuracy is reported on
     probe_ids, probe_labels = teacher_forced_batch(task, args.eval_prompts, args.seed + 1)
     bar = tqdm(range(args.steps), desc="SFT", mininterval=2.0, disable=args.quiet)
-    ema, tokens, probe, steps_done = None, 0, 0.0, 0
-    for step in bar:
-        if args.target_accuracy > 0 and step > 0 and step % args.probe_every == 0:
-            # Stop as soon as the held-out greedy accuracy (exact-match probe) reaches the target:
-            # the model must stay PARTIAL, so RL has something to learn.
-            model.eval()
-            with torch.no_grad():
-                probe = exact_match(model(input_ids=probe_ids, attention_mask=(probe_ids != chartok.PAD_ID).long()).logits,
-                                    probe_labels)
-            model.train()
-            if probe >= args.target_accuracy:
-                break
-        ids, labels = next(data)
-        logits = model(input_ids=ids, attention_mask=(ids != chartok.PAD_ID).long()).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
-                                                 ignore_index=-100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        tokens += ids.numel()
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        steps_done = step + 1
-        bar.set_postfix(loss=f"{ema:.3f}", heldout_em=f"{probe:.2f}", lr=f"{sched.get_last_lr()[0]:.1e}")
+    stats: dict = {}
+    interrupted = False
+    try:
+        train_loop(model, opt, sched, data, bar, probe_ids, probe_labels, args, stats)
+    except KeyboardInterrupt:  # Ctrl-C: keep what was learned, but never reuse it as a complete build
+        interrupted = True
+    ema, tokens, probe, steps_done = stats["ema"], stats["tokens"], stats["probe"], stats["steps"]
     bar.close()
     train_s = time.time() - t0
     result = evaluate(model, task, args.eval_prompts, args.seed, cfg.rollout.max_response_tokens)
@@ -231,7 +248,7 @@ def build(args) -> dict:
                                                bos_token_id=chartok.EOS_ID, do_sample=False)
     model.save_pretrained(str(out))
     info = {"settings": settings, "seed": args.seed, "max_steps": args.steps, "steps": steps_done,
-            "stopped_at_target": steps_done < args.steps, "heldout_exact_match_probe": probe, "parameters": n_params,
+            "stopped_at_target": not interrupted and steps_done < args.steps, "interrupted": interrupted, "heldout_exact_match_probe": probe, "parameters": n_params,
             "final_loss_ema": ema, "train_tokens_padded": tokens, "train_seconds": round(train_s, 1),
             "build_seconds": round(time.time() - t0, 1), "heldout_accuracy": result["accuracy"],
             "heldout_prompts": result["prompts"], "heldout_by_steps": result["by_steps"],

@@ -2,10 +2,10 @@
 
 Vocabulary (99 entries, ids fixed forever so saved models stay valid):
     0 ``<pad>``, 1 ``<eos>``, 2 ``<unk>``, then ``\\n`` (3) and printable ASCII 32..126 (4..98).
-Every character is one token (a ``Split`` pre-tokenizer isolates each character, a ``WordLevel``
-model maps it to its id, a ``Fuse`` decoder joins them back), so the length of a text in tokens
-is its length in characters, and decode(encode(text)) == text for any ASCII text. Other
-characters map to ``<unk>``. No BOS: like Qwen2, prompts start with their first character.
+Every character is one token (a byte-level BPE without merges: see :func:`build_backend`), so
+the length of a text in tokens is its length in characters, and decode(encode(text)) == text for
+any ASCII text. Other characters become ``<unk>`` or nothing. No BOS: like Qwen2, prompts start
+with their first character.
 
 The directory holds tokenizer.json, tokenizer_config.json and special_tokens_map.json; it loads
 offline with ``transformers.AutoTokenizer.from_pretrained(dir)`` (a ``PreTrainedTokenizerFast``)
@@ -28,14 +28,25 @@ PAD_ID, EOS_ID, UNK_ID = VOCAB[PAD], VOCAB[EOS], VOCAB[UNK]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def build_backend():
-    """The ``tokenizers.Tokenizer`` (deterministic: a fixed vocabulary, nothing is trained)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+def _byte_symbol(c: str) -> str:
+    """GPT-2 byte-level symbol of an ASCII character (" " -> "Ġ", "\n" -> "Ċ", "!".."~" unchanged)."""
+    return {" ": "\u0120", "\n": "\u010a"}.get(c, c)
 
-    tok = Tokenizer(models.WordLevel(vocab=dict(VOCAB), unk_token=UNK))
-    # [\s\S] also matches "\n", which "." would not; each character becomes one pre-token.
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
+
+def build_backend():
+    """The ``tokenizers.Tokenizer`` (deterministic: a fixed vocabulary, nothing is trained).
+
+    Written as a byte-level BPE with no merges, because transformers 5 loads a model directory
+    whose config says ``qwen2`` with its own Qwen2Tokenizer pipeline (byte-level pre-tokenizer and
+    decoder) whatever tokenizer_config.json says; vLLM does the same. With byte-level symbols in
+    the vocabulary and no merges, that pipeline and this one both give one token per character.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {(_byte_symbol(t) if t not in SPECIAL_TOKENS else t): i for t, i in VOCAB.items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(list(SPECIAL_TOKENS))
     return tok
 

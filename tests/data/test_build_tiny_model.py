@@ -43,6 +43,13 @@ def test_build_then_reuse(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
     assert tok.eos_token_id == model.generation_config.eos_token_id == 1
     assert model.get_input_embeddings().weight.shape[0] == 512 > len(tok)
+    # transformers 5 loads a qwen2 model dir with Qwen2Tokenizer whatever tokenizer_config.json
+    # says: the characters (spaces included) must still map to the ids the model was trained on
+    from megatron_tppo.data import tokenizer as chartok
+
+    text = "47 a+8 b-3 ?\na+8:47=55 #55"
+    assert tok.encode(text, add_special_tokens=False) == [chartok.VOCAB[c] for c in text]
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
 
     mtime = (out / "model.safetensors").stat().st_mtime_ns
     t = time.monotonic()

@@ -48,7 +48,7 @@ def test_task_text_and_eos(hf_tok):
     ids = chartok.make_encoder(tok)(p.prompt + p.solution) + [tok.eos_token_id]
     assert tok.decode(ids, skip_special_tokens=True) == p.prompt + p.solution
     assert tok.decode(ids).endswith("<eos>")
-    assert tok.encode("é", add_special_tokens=False) == [chartok.UNK_ID]
+    assert set(tok.encode("é", add_special_tokens=False)) == {chartok.UNK_ID}  # one per UTF-8 byte
 
 
 def test_saving_twice_gives_identical_files(tmp_path):
