@@ -121,7 +121,12 @@ class VLLMEngine(RolloutEngine):
         self.policy_version = 0
         self.last_load_seconds = 0.0
         self._asleep = False
-        extra = {} if self.on_cpu else dict(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
+        # On CPU, chunked prefill makes vLLM discard the token sampled for a partly prefilled
+        # request and rewind that request's seeded generator with Generator.set_offset, which CPU
+        # generators do not have ("CPU Generator does not use offset"): seeded sampling of a
+        # large batch crashes. Without chunking, a prefill that does not fit waits a step instead.
+        extra = (dict(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192)) if self.on_cpu
+                 else dict(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True))
         self.llm = LLM(
             model=self.model_path,
             skip_tokenizer_init=True,  # token ids in and out; the trainer owns the tokenizer

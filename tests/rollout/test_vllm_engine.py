@@ -154,3 +154,21 @@ def test_unknown_backend_names_the_known_ones():
 
     with pytest.raises(ValueError, match="known: \\['vllm'\\]"):
         create_engine("sglang")
+
+
+def test_seeded_sampling_of_a_batch_larger_than_one_prefill(engine):
+    """A batch whose prefill spans several engine steps, with per-request seeds, at T=1: every
+    request completes, and a request's samples depend only on its seed, not on the batch around it
+    (resumed runs rely on that). 37-token prompts x 150 x 2 samples exceed one step's budget.
+
+    (The engine is built without chunked prefill on CPU: a seeded request that was partly
+    prefilled crashed a 64-prompt x 4-sample evaluation in a training run with "CPU Generator does
+    not use offset". This test has not reproduced that crash in isolation.)
+    """
+    from megatron_tppo.rollout import Sampling
+
+    prompts = [[(7 * i + j) % 200 + 1 for j in range(37)] for i in range(150)]
+    out = engine.generate(prompts, 3, Sampling(temperature=1.0, seed=11), n=2)
+    assert len(out) == 300 and all(1 <= len(r.token_ids) <= 3 for r in out)
+    again = engine.generate(prompts[:4], 3, Sampling(temperature=1.0, seed=11), n=2)
+    assert [r.token_ids for r in again] == [r.token_ids for r in out[:8]]  # seeds make it repeatable
