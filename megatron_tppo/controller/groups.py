@@ -73,8 +73,15 @@ class TrainerGroup:
         return _get(refs, f"{self.name}.forward")[0]
 
     def train_step(self, batch: dict, loss_fn, global_num_tokens: float, with_entropy: bool = False) -> dict:
+        return self.wait_train(self.train_step_async(batch, loss_fn, global_num_tokens, with_entropy))
+
+    def train_step_async(self, batch: dict, loss_fn, global_num_tokens: float, with_entropy: bool = False) -> list:
+        """Start one optimizer step on every rank; :meth:`wait_train` returns its metrics."""
         batch_ref = ray.put(batch)  # one copy in the object store for all ranks
-        return self._all("train_step", batch_ref, loss_fn, global_num_tokens, with_entropy)[0]
+        return [w.train_step.remote(batch_ref, loss_fn, global_num_tokens, with_entropy) for w in self.workers]
+
+    def wait_train(self, refs: list) -> dict:
+        return _get(refs, f"{self.name}.train_step")[0]
 
     def full_weights(self, dtype: Optional[str] = None) -> list:
         """All pipeline stages' (megatron name, full tensor) pairs, in stage order."""

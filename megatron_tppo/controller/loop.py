@@ -77,16 +77,20 @@ class TPPOLoop:
         self.store_values(batch, self.critic.wait(values_ref))
         m["perf/values_s"] = time.perf_counter() - t0
 
+        # decoupled updates: the policy on this window's segments, the critic on finished responses;
+        # they share nothing, so both run at once
         t0 = time.perf_counter()
         segments = self.policy_segments(batch)
-        if step >= cfg.algorithm.critic_warmup_steps and segments:
-            m.update(self.update_policy(segments))
+        train_policy = step >= cfg.algorithm.critic_warmup_steps and bool(segments)
+        policy_job = self.start_policy_update(segments) if train_policy else None
         finished = [s for s in batch.finished if s.values and None not in s.values]
         if finished:
             m.update(self.update_critic(finished))
+        if policy_job is not None:
+            m.update(self.finish_policy_update(*policy_job))
         m["perf/train_s"] = time.perf_counter() - t0
         self._check_nonfinite(m)
-        if step >= cfg.algorithm.critic_warmup_steps and segments:
+        if train_policy:
             m.update(self.sync_weights())
         m.update(self.rollout_metrics(batch, gen_tokens))
         m["perf/step_s"] = time.perf_counter() - t_step
@@ -163,7 +167,8 @@ class TPPOLoop:
                                     s.values[seg.start: seg.end], seg.finished, s.reward or 0.0))
         return out
 
-    def update_policy(self, segments: list[SegmentInput]) -> dict:
+    def start_policy_update(self, segments: list[SegmentInput]) -> tuple:
+        """Build the policy batch, measure train-vs-rollout mismatch, start the optimizer step(s)."""
         a, r = self.cfg.algorithm, self.cfg.rollout
         b = policy_batch(segments, gamma=a.gamma, lambda_alpha=a.policy_lambda_alpha, lambda_min=a.policy_lambda_min,
                          window_tokens=r.window_tokens, tail_ignore=a.truncated_tail_ignore,
@@ -175,13 +180,19 @@ class TPPOLoop:
         diff = (lp - b["old_logprobs"]).abs() * b["loss_mask"]
         m["rollout/logprob_mismatch_max"] = float(diff.max())
         m["rollout/logprob_mismatch_mean"] = float(diff.sum() / max(n, 1.0))
-        mask = b["loss_mask"].bool()
-        adv = b["advantages"][mask]
-        m.update({"policy/advantage_mean": float(adv.mean()), "policy/advantage_std": float(adv.std()) if adv.numel() > 1 else 0.0,
+        adv = b["advantages"][b["loss_mask"].bool()]
+        m.update({"policy/advantage_mean": float(adv.mean()),
+                  "policy/advantage_std": float(adv.std()) if adv.numel() > 1 else 0.0,
                   "policy/advantage_max": float(adv.max()), "policy/advantage_min": float(adv.min()),
                   "policy/lambda_mean": float(b["lambda"].mean())})
         t0 = time.perf_counter()
-        for _ in range(a.policy_epochs):
+        refs = self.policy.train_step_async(b, self.policy_loss, n, with_entropy=True)
+        return refs, b, n, m, t0
+
+    def finish_policy_update(self, refs, b: dict, n: float, m: dict, t0: float) -> dict:
+        a = self.cfg.algorithm
+        out = self.policy.wait_train(refs)
+        for _ in range(a.policy_epochs - 1):
             out = self.policy.train_step(b, self.policy_loss, n, with_entropy=True)
         dt = time.perf_counter() - t0
         self.version += 1
