@@ -25,9 +25,20 @@ def _bundles(n: int, device: str) -> list[dict]:
 
 
 def _get(refs: Any, what: str, timeout: Optional[float] = None) -> Any:
-    """ray.get that turns an actor death into a clear, named error instead of a hang."""
+    """ray.get that turns an actor death into a clear, named error instead of a hang.
+
+    Results are awaited as they complete, so a rank that died is noticed at once even while its
+    peers are still blocked in a collective waiting for it (a plain ray.get on the list would wait
+    on the first, blocked, rank).
+    """
     try:
-        return ray.get(refs, timeout=timeout)
+        pending = list(refs) if isinstance(refs, list) else [refs]
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=timeout)
+            if not done:
+                raise ray.exceptions.GetTimeoutError(what)
+            ray.get(done[0])  # raises if that task failed
+        return ray.get(refs)
     except ray.exceptions.RayActorError as err:
         raise ActorDiedError(f"{what}: a Ray actor died ({err.__class__.__name__}: {str(err).splitlines()[0]})") from err
     except ray.exceptions.GetTimeoutError as err:
