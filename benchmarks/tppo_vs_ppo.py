@@ -21,7 +21,7 @@ import math
 import time
 from pathlib import Path
 
-from megatron_tppo.config import load_config
+from megatron_tppo.config_io import load_config
 
 
 def wall_series(log_dir: Path, tag: str) -> list[tuple[float, int, float]]:

@@ -59,7 +59,10 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from megatron_tppo.config import ConfigError, LayoutConfig, ModelConfig, TPPOConfig, load_config
+from megatron_tppo.config import ConfigError, LayoutConfig, ModelConfig, TPPOConfig
+
+
+from megatron_tppo.config_io import load_config
 
 GiB = 2 ** 30
 

@@ -14,7 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-from megatron_tppo.config import ConfigError, TPPOConfig, dump_yaml, help_text, load_config
+from megatron_tppo.config import ConfigError, TPPOConfig
+
+
+
+from megatron_tppo.config_io import dump_yaml, help_text, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,7 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from megatron_tppo.config import ModelConfig, load_config  # noqa: E402
+from megatron_tppo.config import ModelConfig  # noqa: E402
+
+from megatron_tppo.config_io import load_config  # noqa: E402
 from megatron_tppo.data import tokenizer as chartok  # noqa: E402
 from megatron_tppo.data.arith import ArithTask, parse_answer  # noqa: E402
 

@@ -7,7 +7,7 @@ and that every prompt taken from the stream is accounted for.
 """
 import pytest
 
-from megatron_tppo.config import load_config
+from megatron_tppo.config_io import load_config
 from megatron_tppo.monitoring import read_scalars
 
 REQUIRED_TAGS = [

@@ -50,7 +50,7 @@ def slurm_cluster():
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from megatron_tppo.config import load_config
+    from megatron_tppo.config_io import load_config
     from megatron_tppo.data.tokenizer import save_tokenizer
     from megatron_tppo.weights.hf_config import save_random_hf_model
 

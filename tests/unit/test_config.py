@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from megatron_tppo import config as C
+from megatron_tppo import config_io as IO
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -15,14 +16,14 @@ ROOT = Path(__file__).resolve().parents[2]
 def _all_sections(cls=C.TPPOConfig):
     yield cls
     for f in dataclasses.fields(cls):
-        tp = C._hints(cls)[f.name]
+        tp = IO._hints(cls)[f.name]
         if dataclasses.is_dataclass(tp):
             yield from _all_sections(tp)
 
 
 def test_every_field_has_a_docstring():
     for cls in _all_sections():
-        docs = C.field_docs(cls)
+        docs = IO.field_docs(cls)
         missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
         assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
 
@@ -36,7 +37,7 @@ def test_yaml_and_overrides(tmp_path):
     p.write_text(yaml.safe_dump({"steps": 7, "rollout": {"window_tokens": 32, "max_response_tokens": 96},
                                  "parallel": {"policy": {"tensor_parallel": 2}},
                                  "optim": {"critic": {"lr": 3e-6}}, "model": {"hf_path": "/x"}}))
-    cfg = C.load_config(p, ["rollout.num_slots=16", "algorithm.dynamic_sampling=true", "model.fp8=null",
+    cfg = IO.load_config(p, ["rollout.num_slots=16", "algorithm.dynamic_sampling=true", "model.fp8=null",
                             "optim.policy.lr=5e-7", "data.template=Q: {prompt}\nA:", "model.hf_path=none"])
     assert cfg.steps == 7 and cfg.rollout.window_tokens == 32 and cfg.rollout.num_slots == 16
     assert cfg.parallel.policy.tensor_parallel == 2 and cfg.parallel.critic.tensor_parallel == 1
@@ -46,12 +47,12 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.max_windows == 3 and not cfg.is_ppo_baseline
     # the dump loads back to the same config
     p2 = tmp_path / "dump.yaml"
-    p2.write_text(C.dump_yaml(cfg))
-    assert C.load_config(p2) == cfg
+    p2.write_text(IO.dump_yaml(cfg))
+    assert IO.load_config(p2) == cfg
 
 
 def test_int_accepts_integral_float_and_float_accepts_int():
-    cfg = C.load_config(None, ["rollout.window_tokens=64.0", "optim.policy.lr=1"])
+    cfg = IO.load_config(None, ["rollout.window_tokens=64.0", "optim.policy.lr=1"])
     assert cfg.rollout.window_tokens == 64 and isinstance(cfg.optim.policy.lr, float)
 
 
@@ -64,7 +65,7 @@ def test_int_accepts_integral_float_and_float_accepts_int():
 ])
 def test_typos_name_the_nearest_key(override, expect):
     with pytest.raises(C.ConfigError, match=expect):
-        C.load_config(None, [override])
+        IO.load_config(None, [override])
 
 
 @pytest.mark.parametrize("override,field", [
@@ -84,52 +85,52 @@ def test_typos_name_the_nearest_key(override, expect):
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(C.ConfigError, match=field.replace("(", r"\(")):
-        C.load_config(None, [override])
+        IO.load_config(None, [override])
 
 
 def test_fp8_on_cpu_is_a_config_error():
     with pytest.raises(C.ConfigError, match="model.fp8"):
-        C.load_config(None, ["model.fp8=e4m3", "model.params_dtype=bf16", "parallel.device=cpu"])
+        IO.load_config(None, ["model.fp8=e4m3", "model.params_dtype=bf16", "parallel.device=cpu"])
 
 
 def test_several_errors_are_reported_together():
     with pytest.raises(C.ConfigError) as err:
-        C.load_config(None, ["rollout.num_slots=0", "algorithm.clip_low=2"])
+        IO.load_config(None, ["rollout.num_slots=0", "algorithm.clip_low=2"])
     assert "rollout.num_slots" in str(err.value) and "algorithm.clip_low" in str(err.value)
 
 
 def test_bad_files(tmp_path):
     with pytest.raises(C.ConfigError, match="does not exist"):
-        C.load_config(tmp_path / "nope.yaml")
+        IO.load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("rollout: [1, 2\n")
     with pytest.raises(C.ConfigError, match="not valid YAML"):
-        C.load_config(bad)
+        IO.load_config(bad)
     lst = tmp_path / "list.yaml"
     lst.write_text("- 1\n- 2\n")
     with pytest.raises(C.ConfigError, match="mapping"):
-        C.load_config(lst)
+        IO.load_config(lst)
     typo = tmp_path / "typo.yaml"
     typo.write_text("rollout:\n  num_slot: 4\n")
     with pytest.raises(C.ConfigError, match=r"typo.yaml: unknown config key 'rollout.num_slot'; did you mean 'rollout.num_slots'"):
-        C.load_config(typo)
+        IO.load_config(typo)
 
 
 def test_example_configs_are_valid():
     files = sorted((ROOT / "examples").rglob("*.yaml"))
     assert files, "examples/ holds no YAML config"
     for f in files:
-        C.load_config(f)
+        IO.load_config(f)
 
 
 def test_help_lists_every_key_with_its_doc():
-    text = C.help_text()
-    for key, (_, doc) in C.flat_fields().items():
+    text = IO.help_text()
+    for key, (_, doc) in IO.flat_fields().items():
         assert key in text and doc in text
 
 
 def test_validation_imports_nothing_heavy():
-    code = ("import sys; from megatron_tppo.config import load_config; load_config(None, ['steps=1']);"
+    code = ("import sys; from megatron_tppo.config_io import load_config; load_config(None, ['steps=1']);"
             "bad=[m for m in ('megatron','vllm','ray','transformers') if m in sys.modules]; print(bad); assert not bad")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr

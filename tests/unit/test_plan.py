@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from megatron_tppo import plan as P
-from megatron_tppo.config import load_config
+from megatron_tppo.config_io import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = str(ROOT / "examples/qwen2.5_32b/tppo.yaml")
