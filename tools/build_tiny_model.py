@@ -40,22 +40,17 @@ MODEL_FILES = ("config.json", "model.safetensors") + chartok.TOKENIZER_FILES
 
 
 def hf_config(m: ModelConfig):
-    """transformers config of the policy described by ``m`` (fp32, no sliding window)."""
-    common = dict(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
-                  num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
-                  num_key_value_heads=m.num_query_groups, max_position_embeddings=m.max_position_embeddings,
-                  rope_theta=m.rope_theta, rms_norm_eps=m.norm_epsilon, tie_word_embeddings=m.tie_word_embeddings,
-                  initializer_range=m.init_std, hidden_act="silu", bos_token_id=chartok.EOS_ID,
-                  eos_token_id=chartok.EOS_ID, pad_token_id=chartok.PAD_ID, dtype="float32")
-    if m.arch == "qwen2":
-        from transformers import Qwen2Config
+    """transformers config of the policy described by ``m`` (fp32), with the char tokenizer's ids."""
+    import transformers
 
-        if not m.qkv_bias:  # HF Qwen2 always has the Q/K/V bias
-            raise SystemExit("model.arch=qwen2 needs model.qkv_bias=true (use arch=llama without bias)")
-        return Qwen2Config(use_sliding_window=False, **common)
-    from transformers import LlamaConfig
+    from megatron_tppo.weights.hf_config import hf_config_kwargs
 
-    return LlamaConfig(attention_bias=m.qkv_bias, mlp_bias=False, **common)
+    try:
+        kw = hf_config_kwargs(m, eos_token_id=chartok.EOS_ID)
+    except ValueError as err:  # e.g. qwen2 without Q/K/V bias
+        raise SystemExit(str(err)) from None
+    kw.update(bos_token_id=chartok.EOS_ID, pad_token_id=chartok.PAD_ID)
+    return (transformers.Qwen2Config if m.arch == "qwen2" else transformers.LlamaConfig)(**kw)
 
 
 def encode_example(problem, with_solution: bool) -> tuple[list[int], int]:

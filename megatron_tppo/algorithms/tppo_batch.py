@@ -94,8 +94,7 @@ def policy_batch(segments: Sequence[SegmentInput], *, gamma: float = 1.0, lambda
                              f"{len(s.logprobs)} logprobs, {len(s.values)} values, {len(s.token_ids)} tokens)")
     width = pad_width or max(len(s.token_ids) for s in segments)
     tokens = pad_token_rows([s.token_ids for s in segments], width)
-    lengths = torch.tensor([len(s.token_ids) for s in segments])
-    attention = torch.arange(width)[None] < lengths[:, None]
+    attention = row_attention_mask([s.token_ids for s in segments], width)
     starts = [s.prompt_len + s.start for s in segments]
     ones = [[1.0] * (s.end - s.start) for s in segments]
     loss_mask = _place(ones, starts, width).bool()
@@ -116,7 +115,7 @@ def policy_batch(segments: Sequence[SegmentInput], *, gamma: float = 1.0, lambda
     adv = masked_whiten(adv, keep, clamp=advantage_clamp)
     positive = finished & torch.tensor([s.reward >= 1.0 for s in segments])
     return {
-        "tokens": tokens, "attention_mask": attention.long(), "loss_mask": loss_mask.float(),
+        "tokens": tokens, "attention_mask": attention, "loss_mask": loss_mask.float(),
         "old_logprobs": old_logprobs, "advantages": adv, "values": values,
         "finished": finished, "positive": positive, "lambda": lam,
         "num_tokens": loss_mask.sum(),
@@ -134,8 +133,7 @@ def critic_batch(responses: Sequence[ResponseInput], *, gamma: float = 1.0, lam:
                              f"{len(r.token_ids) - r.prompt_len} response tokens")
     width = pad_width or max(len(r.token_ids) for r in responses)
     tokens = pad_token_rows([r.token_ids for r in responses], width)
-    lengths = torch.tensor([len(r.token_ids) for r in responses])
-    attention = torch.arange(width)[None] < lengths[:, None]
+    attention = row_attention_mask([r.token_ids for r in responses], width)
     starts = [r.prompt_len for r in responses]
     loss_mask = _place([[1.0] * len(r.old_values) for r in responses], starts, width).bool()
     old_values = _place([r.old_values for r in responses], starts, width)
@@ -144,5 +142,5 @@ def critic_batch(responses: Sequence[ResponseInput], *, gamma: float = 1.0, lam:
         rewards[i, len(r.token_ids) - 1] = float(r.reward)
     finished = torch.ones(len(responses), dtype=torch.bool)
     _, returns = compute_egae(rewards, old_values, loss_mask, finished, gamma=gamma, lam=lam)
-    return {"tokens": tokens, "attention_mask": attention.long(), "loss_mask": loss_mask.float(),
+    return {"tokens": tokens, "attention_mask": attention, "loss_mask": loss_mask.float(),
             "old_values": old_values, "returns": returns, "num_tokens": loss_mask.sum()}
