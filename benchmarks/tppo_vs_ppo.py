@@ -1,17 +1,19 @@
 """T-PPO vs PPO from the same start and seed, side by side in one run (TPPO.md section 5).
 
 Runs the full system twice on the same config, once with the configured window (T-PPO) and once
-with the window set to the maximum response length (synchronous PPO), each for the same wall-clock
-budget, and reports: wall-clock to reach a target held-out accuracy, generated tokens/s, slot
-utilization during generation, and final accuracy. Prints a table and writes
+with the window set to the maximum response length (synchronous PPO), each for the SAME
+wall-clock budget (``time_budget_s``: the training loop stops after the step during which it runs
+out, then evaluates), and reports: wall-clock to reach a target held-out accuracy, generated
+tokens/s, slot utilization during generation, and final accuracy. Prints a table and writes
 benchmarks/results/tppo_vs_ppo.json.
 
-    .venv/bin/python benchmarks/tppo_vs_ppo.py [--config examples/tiny_cpu.yaml] [--steps-tppo 40]
+    .venv/bin/python benchmarks/tppo_vs_ppo.py [--config examples/tiny_cpu.yaml] [--budget-s 420]
         [--target 0.5] [key.sub=value ...]
 
-Both modes use the same number of slots; PPO's step makes every slot wait for the longest
-response, T-PPO's step is one window. Steps differ in length, so PPO gets proportionally fewer
-steps (``steps_ppo = steps_tppo * window / max_response``, at least 1) for a comparable budget.
+Both modes use the same number of slots and the same held-out set. A PPO step generates whole
+responses (every slot waits for the longest), a T-PPO step one window, so PPO evaluates every
+``ceil(eval_every * window / max_response)`` steps to evaluate about as often in wall-clock time,
+and its critic warm-up is scaled the same way; evaluation time counts against both budgets alike.
 """
 from __future__ import annotations
 
@@ -50,8 +52,10 @@ def run_mode(name: str, cfg, target: float) -> dict:
         vals = [v for _, _, v in wall_series(tb, tag)]
         return sum(vals) / len(vals) if vals else float("nan")
 
+    steps = max((s for _, s, _ in wall_series(tb, "perf/step_s")), default=0)
     return {
-        "mode": name, "window": cfg.rollout.window_tokens, "steps": cfg.steps, "wall_s": total,
+        "mode": name, "window": cfg.rollout.window_tokens, "steps": steps, "budget_s": cfg.time_budget_s,
+        "wall_s": total,
         "accuracy_start": acc[0][2] if acc else float("nan"), "accuracy_final": acc[-1][2] if acc else float("nan"),
         "best_accuracy": max((v for _, _, v in acc), default=float("nan")),
         "s_to_target": reach, "generated_tokens_per_s": mean("perf/generated_tokens_per_s"),
@@ -63,7 +67,8 @@ def run_mode(name: str, cfg, target: float) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="examples/tiny_cpu.yaml")
-    p.add_argument("--steps-tppo", type=int, default=None, help="T-PPO steps (default: the config's steps)")
+    p.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget of each mode's training loop")
+    p.add_argument("--eval-every", type=int, default=8, help="T-PPO steps between evaluations")
     p.add_argument("--target", type=float, default=None, help="held-out accuracy target (default: start + 0.05)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "tppo_vs_ppo.json"))
     p.add_argument("--run-dir", default="runs/bench_tppo_vs_ppo")
@@ -71,16 +76,18 @@ def main() -> None:
     a = p.parse_args()
 
     base = load_config(a.config, a.overrides)
-    steps = a.steps_tppo or base.steps
     r = base.rollout
-    ppo_steps = max(1, math.ceil(steps * r.window_tokens / r.max_response_tokens))
-    eval_every_tppo = max(1, steps // 4)
-    tppo = load_config(a.config, a.overrides + [f"steps={steps}", f"logging.output_dir={a.run_dir}/tppo",
-                                                f"data.eval_every={eval_every_tppo}", "logging.progress_bar=false"])
-    ppo = load_config(a.config, a.overrides + [f"steps={ppo_steps}", f"logging.output_dir={a.run_dir}/ppo",
-                                               f"rollout.window_tokens={r.max_response_tokens}",
-                                               f"data.eval_every={max(1, ppo_steps // 4)}", "logging.progress_bar=false",
-                                               f"algorithm.truncated_tail_ignore={base.algorithm.truncated_tail_ignore}"])
+
+    def scaled(n: int) -> int:  # T-PPO steps -> PPO steps covering about the same generation time
+        return math.ceil(n * r.window_tokens / r.max_response_tokens)
+
+    common = [f"time_budget_s={a.budget_s}", "steps=100000", "logging.progress_bar=false"]
+    tppo = load_config(a.config, a.overrides + common + [f"logging.output_dir={a.run_dir}/tppo",
+                                                         f"data.eval_every={a.eval_every}"])
+    ppo = load_config(a.config, a.overrides + common + [
+        f"logging.output_dir={a.run_dir}/ppo", f"rollout.window_tokens={r.max_response_tokens}",
+        f"data.eval_every={max(1, scaled(a.eval_every))}",
+        f"algorithm.critic_warmup_steps={scaled(base.algorithm.critic_warmup_steps)}"])
     rows = []
     target = a.target
     for name, cfg in (("tppo", tppo), ("ppo", ppo)):
@@ -92,14 +99,15 @@ def main() -> None:
         rows.append(row)
     head = f"{'mode':<6}{'window':>7}{'steps':>6}{'wall s':>8}{'acc0':>7}{'acc end':>8}{'best':>7}" \
            f"{'s->target':>10}{'gen tok/s':>10}{'slot util':>10}"
-    print(f"\ntarget held-out accuracy {target:.3f}\n{head}\n{'-' * len(head)}")
+    print(f"\nsame wall-clock budget {a.budget_s:g} s per mode; target held-out accuracy {target:.3f}\n"
+          f"{head}\n{'-' * len(head)}")
     for x in rows:
         reach = f"{x['s_to_target']:.0f}" if x["s_to_target"] is not None else "never"
         print(f"{x['mode']:<6}{x['window']:>7}{x['steps']:>6}{x['wall_s']:>8.0f}{x['accuracy_start']:>7.3f}"
               f"{x['accuracy_final']:>8.3f}{x['best_accuracy']:>7.3f}{reach:>10}{x['generated_tokens_per_s']:>10.0f}"
               f"{x['slot_utilization']:>10.2f}")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"target": target, "rows": rows}, indent=1))
+    Path(a.out).write_text(json.dumps({"target": target, "budget_s": a.budget_s, "rows": rows}, indent=1))
     print(f"wrote {a.out}")
 
 

@@ -9,6 +9,7 @@ megatron, vLLM) starts. Every field carries a docstring directly under it;
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -256,8 +257,10 @@ class DataConfig:
     """Malformed dataset rows: skip and count them, or stop with the file and line."""
     shuffle: bool = True
     """Shuffle the prompt stream every epoch (seeded)."""
-    reward: Literal["auto", "arith", "math"] = "auto"
-    """Reward function (megatron_tppo.rewards): auto = arith for the arith task, else math (boxed answers)."""
+    reward: str = "auto"
+    """Reward function (megatron_tppo.rewards): auto = arith for the arith task, else math (boxed
+    answers); arith; math; or a user function ``"package.module:function"`` taking (response text,
+    row meta) and returning a float (it runs in a separate process with the timeout below)."""
     reward_timeout_s: float = 5.0
     """A reward call running longer than this scores 0 and is counted as a timeout."""
     arith_max_steps: int = 17
@@ -278,6 +281,10 @@ class LoggingConfig:
     """Write TensorBoard event files under ``<output_dir>/tensorboard``."""
     progress_bar: bool = True
     """Show a progress bar over steps on the console."""
+    rollout_dump: bool = False
+    """Write every finished response (prompt uid, sample index, reward, length, windows, policy
+    versions, text) to ``<output_dir>/rollouts/step_<N>.jsonl``; a redone step (after a resume)
+    replaces its file, so the files always describe one history."""
 
 
 @dataclass
@@ -304,6 +311,9 @@ class TPPOConfig:
     """Global random seed (prompt order, sampling, initialization)."""
     steps: int = 100
     """Number of T-PPO steps (one window of generation plus updates each)."""
+    time_budget_s: float = 0.0
+    """Wall-clock budget of the training loop in seconds (0: none). The step during which it runs
+    out is the last: evaluated and checkpointed like a final step (a resumed run gets a new budget)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Model architecture."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -341,6 +351,7 @@ class TPPOConfig:
 
         m, r, a = self.model, self.rollout, self.algorithm
         check(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")
+        check(self.time_budget_s >= 0, "time_budget_s", f"must be >= 0, got {self.time_budget_s}")
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                      "num_query_groups", "vocab_size", "max_position_embeddings"):
             check(getattr(m, name) > 0, f"model.{name}", f"must be > 0, got {getattr(m, name)}")
@@ -435,6 +446,8 @@ class TPPOConfig:
         check(d.eval_samples_per_prompt >= 1, "data.eval_samples_per_prompt", "must be >= 1")
         check(d.eval_prompts >= 1, "data.eval_prompts", "must be >= 1")
         check("{prompt}" in d.template, "data.template", "must contain the placeholder {prompt}")
+        check(d.reward in ("auto", "arith", "math") or re.fullmatch(r"[\w.]+:\w+", d.reward) is not None,
+              "data.reward", f"must be auto, arith, math or 'module:function', got {d.reward!r}")
         check(d.reward_timeout_s > 0, "data.reward_timeout_s", f"must be > 0, got {d.reward_timeout_s}")
         check(1 <= d.arith_max_steps <= 26, "data.arith_max_steps", f"must be in [1, 26], got {d.arith_max_steps}")
         check(0 <= d.arith_continue_prob < 1, "data.arith_continue_prob",

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from megatron_tppo.config import ConfigError, TPPOConfig
-
-
-
 from megatron_tppo.config_io import dump_yaml, help_text, load_config
 
 
@@ -67,6 +65,31 @@ def check_model_dir(cfg: TPPOConfig) -> Path:
     return path
 
 
+def preflight(cfg: TPPOConfig) -> Path:
+    """Everything that can be checked before a heavy start: the model directory, the reward, and
+    a writable run directory (config.yaml is written there, and a probe into checkpoints/)."""
+    check_model_dir(cfg)
+    from megatron_tppo.data.datasets import reward_name
+    from megatron_tppo.rewards import get_reward
+
+    try:
+        get_reward(reward_name(cfg.data))
+    except ValueError as err:
+        raise ConfigError(f"data.reward: {err}") from None
+    out = Path(cfg.logging.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_yaml(cfg))
+        ckpt = out / "checkpoints"
+        ckpt.mkdir(exist_ok=True)
+        probe = ckpt / f".write_probe.{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"logging.output_dir={str(out)!r} is not writable: {err}") from None
+    return out
+
+
 def _install_stop_signals() -> list:
     """SIGTERM (scancel) and SIGUSR1 (Slurm's warning before the time limit) end the run after the
     current step instead of killing it mid-update; the returned list holds the signal's name."""
@@ -94,11 +117,9 @@ def initialize(cfg: TPPOConfig, loop, model_dir: Path) -> int:
     from megatron_tppo.controller import run_checkpoint
 
     if cfg.checkpoint.resume:
-        path = run_checkpoint.latest_checkpoint(run_checkpoint.checkpoint_root(cfg.logging.output_dir))
-        if path is not None:
-            start = run_checkpoint.load(path, loop)
+        start = run_checkpoint.resume(run_checkpoint.checkpoint_root(cfg.logging.output_dir), loop)
+        if start is not None:
             loop.sync_weights()  # the rollout engine starts from the HF weights: give it the policy's
-            print(f"[tppo] resumed from {path} at step {start}", flush=True)
             return start
         print("[tppo] checkpoint.resume: no whole checkpoint found; starting from the initial weights", flush=True)
     if cfg.checkpoint.load_policy:
@@ -157,6 +178,8 @@ def run(cfg: TPPOConfig) -> dict:
         groups.append(critic)
         print(f"[tppo] cluster up in {time.perf_counter() - t0:.1f} s: policy {policy.world} ranks, "
               f"critic {critic.world} ranks, {cfg.rollout.num_engines} rollout engine(s) on {device}", flush=True)
+        # which process is which (for py-spy, logs, and telling what died)
+        (out / "actors.json").write_text(json.dumps(rollout.where + policy.where + critic.where, indent=1) + "\n")
 
         loop = TPPOLoop(cfg, policy, critic, rollout, task, logger)
         start = initialize(cfg, loop, model_dir)
@@ -170,9 +193,11 @@ def run(cfg: TPPOConfig) -> dict:
                    disable=not cfg.logging.progress_bar,
                    dynamic_ncols=True)
         ckpt_root = run_checkpoint.checkpoint_root(out)
+        deadline = time.monotonic() + cfg.time_budget_s if cfg.time_budget_s > 0 else float("inf")
         for step in bar:
             metrics = loop.step(step)
-            last = step + 1 == cfg.steps
+            out_of_time = time.monotonic() >= deadline
+            last = step + 1 == cfg.steps or out_of_time
             if task.eval_prompts and cfg.data.eval_every > 0 and ((step + 1) % cfg.data.eval_every == 0 or last):
                 metrics.update(loop.evaluate())
             logger.log(step + 1, metrics)
@@ -182,6 +207,9 @@ def run(cfg: TPPOConfig) -> dict:
                 run_checkpoint.save(ckpt_root, step + 1, loop, cfg.checkpoint.keep_last)
             if stop:
                 bar.write(f"[tppo] {stop[0]} received: checkpointed and stopping after step {step + 1}")
+                break
+            if out_of_time:
+                bar.write(f"[tppo] time_budget_s={cfg.time_budget_s:g} used up: stopping after step {step + 1}")
                 break
         if first:
             metrics["eval/accuracy_start"] = first["eval/accuracy"]
@@ -204,13 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 return run_plan(cfg, args)
             return 0
-        check_model_dir(cfg)
-        out = Path(cfg.logging.output_dir)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.yaml").write_text(dump_yaml(cfg))
-        except OSError as err:
-            raise ConfigError(f"logging.output_dir={str(out)!r} is not writable: {err}") from None
+        out = preflight(cfg)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
@@ -218,7 +240,18 @@ def main(argv: list[str] | None = None) -> int:
     mode = " [PPO baseline: window >= max response]" if cfg.is_ppo_baseline else ""
     print(f"[tppo] window {cfg.rollout.window_tokens} tokens, max response {cfg.rollout.max_response_tokens} "
           f"({cfg.max_windows} windows), {cfg.rollout.num_slots} slots, groups of {cfg.rollout.samples_per_prompt}{mode}")
-    metrics = run(cfg)
+    from megatron_tppo.controller.errors import RunAborted
+
+    try:
+        metrics = run(cfg)
+    except RunAborted as err:
+        from megatron_tppo.controller.run_checkpoint import checkpoint_root, list_checkpoints
+
+        whole = list_checkpoints(checkpoint_root(out))
+        hint = (f"resume from {whole[-1]} with checkpoint.resume=true" if whole
+                else "no run checkpoint was written yet")
+        print(f"[tppo] run stopped: {err}\n[tppo] {hint}", file=sys.stderr, flush=True)
+        return 1
     summary = {k: v for k, v in metrics.items() if k.startswith(("eval/", "train/"))}
     (out / "final_metrics.json").write_text(json.dumps(metrics, indent=1))
     print(f"[tppo] done: {json.dumps(summary)}")

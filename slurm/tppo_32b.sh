@@ -19,8 +19,12 @@
 #
 # Output: runs/<job name>-<job id>/ (or logging.output_dir=... when given): config.yaml,
 # tensorboard/, checkpoints/, ray-<node>.log per Ray node, driver.log, slurm.out -> Slurm's output
-# file (runs/<job name>-<job id>.out). Resume a stopped run: resubmit with
-# logging.output_dir=<that run dir> checkpoint.resume=true.
+# file (runs/<job name>-<job id>.out).
+#
+# Resume: the driver always runs with checkpoint.resume=true (pass checkpoint.resume=false to
+# start over), so a requeued job (--requeue: preemption, node failure, `scontrol requeue`; same job
+# id, same run dir) continues from the newest whole checkpoint by itself, and so does a new job
+# given logging.output_dir=<a stopped run's dir>. A run dir without checkpoints starts fresh.
 #
 # Environment knobs: TPPO_PYTHON (python of the project's venv; default python3), TPPO_RAY (ray
 # CLI; default: next to TPPO_PYTHON, else on PATH), TPPO_ROOT (repo root; default the submit
@@ -37,6 +41,7 @@
 #SBATCH --signal=B:USR1@900
 #SBATCH --output=runs/%x-%j.out
 #SBATCH --open-mode=append
+#SBATCH --requeue
 # --signal=B:USR1@900: Slurm sends SIGUSR1 to this script 15 minutes before the time limit; the
 # trap below forwards it to the driver, which has time to write a checkpoint.
 # --exclusive: whole nodes (all CPUs and host memory for vLLM/Megatron); --ntasks-per-node=1:
@@ -227,8 +232,8 @@ while time.time() < deadline:
 sys.exit(f"Ray cluster at {addr} not ready after {timeout:g} s: {seen}; expected {n_nodes} nodes, {n_gpus:g} GPUs")
 EOF
 
-log "driver on ${head_node}: python -m megatron_tppo.train --config ${config} parallel.ray_address=${ray_address}"
-"$py" -m megatron_tppo.train --config "$config" "logging.output_dir=$run_dir" \
+log "driver on ${head_node} (restart ${SLURM_RESTART_COUNT:-0}): python -m megatron_tppo.train --config ${config} parallel.ray_address=${ray_address}"
+"$py" -m megatron_tppo.train --config "$config" "logging.output_dir=$run_dir" checkpoint.resume=true \
     "parallel.ray_address=$ray_address" "${overrides[@]}" > >(tee -a "$run_dir/driver.log") 2>&1 &
 driver_pid=$!
 driver_rc=0

@@ -13,36 +13,42 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from megatron_tppo.controller.errors import ActorDiedError
 from megatron_tppo.controller.workers import RolloutWorker, TrainerWorker
-
-
-class ActorDiedError(RuntimeError):
-    """A Ray actor of the run died; the message names which one."""
 
 
 def _bundles(n: int, device: str) -> list[dict]:
     return [{"GPU": 1, "CPU": 1} if device == "cuda" else {"CPU": 0.01} for _ in range(n)]
 
 
-def _get(refs: Any, what: str, timeout: Optional[float] = None) -> Any:
+def _get(refs: Any, what: str, timeout: Optional[float] = None, who: Optional[list[str]] = None) -> Any:
     """ray.get that turns an actor death into a clear, named error instead of a hang.
 
     Results are awaited as they complete, so a rank that died is noticed at once even while its
     peers are still blocked in a collective waiting for it (a plain ray.get on the list would wait
-    on the first, blocked, rank).
+    on the first, blocked, rank). ``who`` names the actor behind each ref, for the message.
     """
+    listed = list(refs) if isinstance(refs, list) else [refs]
+    pending, current = list(listed), None
     try:
-        pending = list(refs) if isinstance(refs, list) else [refs]
         while pending:
             done, pending = ray.wait(pending, num_returns=1, timeout=timeout)
             if not done:
                 raise ray.exceptions.GetTimeoutError(what)
-            ray.get(done[0])  # raises if that task failed
+            current = done[0]
+            ray.get(current)  # raises if that task failed
         return ray.get(refs)
     except ray.exceptions.RayActorError as err:
-        raise ActorDiedError(f"{what}: a Ray actor died ({err.__class__.__name__}: {str(err).splitlines()[0]})") from err
+        name = who[listed.index(current)] if who and current in listed else "a Ray actor"
+        raise ActorDiedError(f"{what}: {name} died ({err.__class__.__name__}: {str(err).splitlines()[0]})") from err
     except ray.exceptions.GetTimeoutError as err:
         raise ActorDiedError(f"{what}: no answer within {timeout} s") from err
+
+
+def _names(group: str, where: Optional[list[dict]], n: int) -> list[str]:
+    if not where:
+        return [f"{group} rank {i}" for i in range(n)]
+    return [f"{group} rank {w['rank']} (pid {w['pid']} on {w['node']})" for w in where]
 
 
 class TrainerGroup:
@@ -50,7 +56,7 @@ class TrainerGroup:
 
     def __init__(self, name: str, model_cfg, layout, optim_cfg, *, role: str, device: str, seed: int,
                  total_steps: int, threads: int = 0, setup_timeout_s: float = 600.0):
-        self.name, self.world = name, layout.world_size
+        self.name, self.world, self.where = name, layout.world_size, None
         self.pg = placement_group(_bundles(self.world, device), strategy="PACK", name=f"tppo-{name}")
         _get(self.pg.ready(), f"{name}: placement group", timeout=setup_timeout_s)
         remote = ray.remote(TrainerWorker)
@@ -64,10 +70,11 @@ class TrainerGroup:
         master = _get(self.workers[0].address.remote(), f"{name}: rank 0 address", timeout=setup_timeout_s)
         self.ranks = self._all("setup", master, model_cfg, layout, optim_cfg, role, device, seed, total_steps,
                                timeout=setup_timeout_s)
+        self.where = [dict(w, group=name, rank=i) for i, w in enumerate(self._all("ping", timeout=setup_timeout_s))]
 
     def _all(self, method: str, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> list:
         refs = [getattr(w, method).remote(*args, **kwargs) for w in self.workers]
-        return _get(refs, f"{self.name}.{method}", timeout=timeout)
+        return _get(refs, f"{self.name}.{method}", timeout=timeout, who=_names(self.name, self.where, self.world))
 
     def load_hf(self, hf_dir: str) -> int:
         return self._all("load_hf", hf_dir)[0]
@@ -81,7 +88,7 @@ class TrainerGroup:
         return [w.forward.remote(batch_ref, with_entropy) for w in self.workers]
 
     def wait(self, refs: list) -> dict:
-        return _get(refs, f"{self.name}.forward")[0]
+        return _get(refs, f"{self.name}.forward", who=_names(self.name, self.where, self.world))[0]
 
     def train_step(self, batch: dict, loss_fn, global_num_tokens: float, with_entropy: bool = False) -> dict:
         return self.wait_train(self.train_step_async(batch, loss_fn, global_num_tokens, with_entropy))
@@ -92,7 +99,7 @@ class TrainerGroup:
         return [w.train_step.remote(batch_ref, loss_fn, global_num_tokens, with_entropy) for w in self.workers]
 
     def wait_train(self, refs: list) -> dict:
-        return _get(refs, f"{self.name}.train_step")[0]
+        return _get(refs, f"{self.name}.train_step", who=_names(self.name, self.where, self.world))[0]
 
     def full_weights(self, dtype: Optional[str] = None) -> list:
         """All pipeline stages' (megatron name, full tensor) pairs, in stage order."""
@@ -128,7 +135,8 @@ class RolloutGroup:
             ).remote(backend, model_path, rollout_cfg, model_cfg, threads)
             for i in range(n)
         ]
-        _get([w.ping.remote() for w in self.workers], "rollout: engine start", timeout=setup_timeout_s)
+        where = _get([w.ping.remote() for w in self.workers], "rollout: engine start", timeout=setup_timeout_s)
+        self.where = [dict(w, group="rollout engine", rank=i) for i, w in enumerate(where)]
 
     def generate(self, prompts: list, max_tokens: list, sampling, n: int = 1) -> list:
         """Split the prompts evenly over the engines; results in prompt-major order."""
@@ -137,7 +145,8 @@ class RolloutGroup:
         refs = [w.generate.remote(prompts[a:b], max_tokens[a:b], sampling, n)
                 for w, (a, b) in zip(self.workers, chunks) if b > a]
         out: list = []
-        for part in _get(refs, "rollout.generate"):
+        who = [n for n, (a, b) in zip(_names("rollout engine", self.where, k), chunks) if b > a]
+        for part in _get(refs, "rollout.generate", who=who):
             out.extend(part)
         return out
 
@@ -145,7 +154,7 @@ class RolloutGroup:
         """Push (megatron name, full tensor) pairs into every engine; returns engine 0's stats."""
         ref = ray.put(named)
         refs = [w.load_weights.remote(ref, version, model_cfg, bucket_mb) for w in self.workers]
-        return _get(refs, "rollout.load_weights")[0]
+        return _get(refs, "rollout.load_weights", who=_names("rollout engine", self.where, len(self.workers)))[0]
 
     def shutdown(self) -> None:
         for w in self.workers:

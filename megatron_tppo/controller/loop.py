@@ -7,8 +7,10 @@ prompts -> window pool -> rollout -> rewards (+ critic values, overlapped) -> EG
 from __future__ import annotations
 
 import functools
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 from megatron_tppo.algorithms.objectives import critic_objective, explained_variance_from_sums, policy_objective
@@ -21,6 +23,7 @@ from megatron_tppo.algorithms.tppo_batch import (
     row_attention_mask,
 )
 from megatron_tppo.algorithms.window_pool import Prompt, StepBatch, WindowPool
+from megatron_tppo.controller.errors import NonFiniteLossError
 from megatron_tppo.rollout.base import Sampling
 
 
@@ -52,6 +55,8 @@ class TPPOLoop:
                                              entropy_coef=a.entropy_coef)
         self.critic_loss = functools.partial(critic_objective, value_clip=a.value_clip)
         self.filtered_groups = 0
+        self.failures = {"reward_error": 0, "reward_timeout": 0}
+        """Cumulative counts of skipped or failed items (logged as health/* every step)."""
         self.utilization = 0.0
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
@@ -59,10 +64,13 @@ class TPPOLoop:
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict:
         """The loop's own state (models and the prompt stream are saved by their owners)."""
-        return {"version": self.version, "filtered_groups": self.filtered_groups, "pool": self.pool.state_dict()}
+        return {"version": self.version, "filtered_groups": self.filtered_groups, "failures": dict(self.failures),
+                "nonfinite_total": self.nonfinite_total, "pool": self.pool.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.version, self.filtered_groups = state["version"], state["filtered_groups"]
+        self.failures.update(state.get("failures", {}))
+        self.nonfinite_total = state.get("nonfinite_total", 0)
         self.pool.load_state_dict(state["pool"])
 
     # ------------------------------------------------------------------ one step
@@ -93,8 +101,23 @@ class TPPOLoop:
         if train_policy:
             m.update(self.sync_weights())
         m.update(self.rollout_metrics(batch, gen_tokens))
+        if cfg.logging.rollout_dump:
+            self.dump_finished(step + 1, batch)
         m["perf/step_s"] = time.perf_counter() - t_step
         return m
+
+    def dump_finished(self, step: int, batch: StepBatch) -> None:
+        """``<output_dir>/rollouts/step_<N>.jsonl``: one line per finished response (atomic write)."""
+        out = Path(self.cfg.logging.output_dir) / "rollouts"
+        out.mkdir(parents=True, exist_ok=True)
+        lines = [json.dumps({"step": step, "prompt_uid": s.prompt_uid, "sample": s.index, "uid": s.uid,
+                             "reward": s.reward, "finish_reason": s.finish_reason, "length": len(s.response_ids),
+                             "windows": s.windows, "versions": [min(s.versions), max(s.versions)] if s.versions else [],
+                             "response": self.task.decode(s.response_ids)})
+                 for s in batch.finished]
+        tmp = out / f".step_{step:08d}.jsonl.tmp"
+        tmp.write_text("".join(line + "\n" for line in lines))
+        tmp.replace(out / f"step_{step:08d}.jsonl")
 
     def _check_nonfinite(self, m: dict) -> None:
         """Count updates the engine skipped for a NaN/inf loss; stop after too many in a row."""
@@ -104,7 +127,7 @@ class TPPOLoop:
         m["health/nonfinite_updates"] = float(self.nonfinite_total)
         limit = self.cfg.algorithm.max_nonfinite_updates
         if self.nonfinite_streak >= limit:
-            raise RuntimeError(f"{self.nonfinite_streak} consecutive steps with a NaN/inf loss "
+            raise NonFiniteLossError(f"{self.nonfinite_streak} consecutive steps with a NaN/inf loss "
                                f"(algorithm.max_nonfinite_updates={limit}); stopping")
 
     @staticmethod
@@ -129,15 +152,17 @@ class TPPOLoop:
         return self.pool.end_step()
 
     def score_finished(self, batch: StepBatch) -> dict:
-        a, fails = self.cfg.algorithm, {}
+        """Score every finished response; a reward that raised or hung scored 0 and is counted."""
+        a = self.cfg.algorithm
         for s in batch.finished:
             reward, failure = self.task.score(self.task.decode(s.response_ids), s.meta)
             if failure:
-                fails[failure] = fails.get(failure, 0) + 1
+                key = f"reward_{failure}"
+                self.failures[key] = self.failures.get(key, 0) + 1
             if s.finish_reason == "length_cap":
                 reward -= a.overlong_penalty
             self.pool.set_reward(s.uid, reward)
-        return {f"health/reward_{k}": float(v) for k, v in fails.items()}
+        return {f"health/{k}": float(v) for k, v in self.failures.items()}
 
     def _context_batch(self, batch: StepBatch) -> dict:
         """Rows = each segment's full context; the critic's values for its new tokens."""

@@ -76,6 +76,24 @@ def save(root: Path, step: int, loop, keep_last: int) -> Path:
     return final
 
 
+def resume(root: Path, loop) -> Optional[int]:
+    """Load the newest whole checkpoint under ``root`` that loads completely; returns the next step,
+    or None when there is none. A checkpoint whose model files fail to load (truncated, corrupt) is
+    reported and the previous one is tried: every load overwrites all state, so nothing of the
+    failed attempt survives."""
+    for path in reversed(list_checkpoints(root)):
+        try:
+            step = load(path, loop)
+        except Exception as err:  # noqa: BLE001 - any failure means "not usable"; say why, go back
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            print(f"[tppo] checkpoint {path} failed to load ({type(err).__name__}: {first[:300]}); "
+                  "trying the previous one", flush=True)
+            continue
+        print(f"[tppo] resumed from {path} at step {step}", flush=True)
+        return step
+    return None
+
+
 def load(path: Path, loop) -> int:
     """Restore models, optimizers, pool, stream and RNG from ``path``; returns the next step."""
     state = torch.load(path / "run_state.pt", weights_only=False)

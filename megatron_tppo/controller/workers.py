@@ -19,6 +19,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _where() -> dict:
+    import ray
+
+    return {"pid": os.getpid(), "node": ray.util.get_node_ip_address()}
+
+
 class TrainerWorker:
     """One rank of a policy or critic trainer (TP x PP x DP ranks form one torch.distributed world)."""
 
@@ -85,8 +91,9 @@ class TrainerWorker:
     def load(self, path: str, with_optimizer: bool = True) -> None:
         self.engine.load(path, with_optimizer)
 
-    def ping(self) -> int:
-        return os.getpid()
+    def ping(self) -> dict:
+        """Where this actor runs (pid and node address), for the run's actors.json."""
+        return _where()
 
 
 class RolloutWorker:
@@ -112,5 +119,6 @@ class RolloutWorker:
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return getattr(self.engine, method)(*args, **kwargs)
 
-    def ping(self) -> int:
-        return os.getpid()
+    def ping(self) -> dict:
+        """Where this actor runs (pid and node address), for the run's actors.json."""
+        return _where()

@@ -200,13 +200,18 @@ class LocalSlurm:
                 info.setdefault(k, v)
         return info
 
+    def requeue(self, job_id: str) -> None:
+        r = subprocess.run(["scontrol", "requeue", job_id], env=self.env(), capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"scontrol requeue {job_id} failed: {r.stderr}")
+
     def wait_job(self, job_id: str, timeout_s: float, poll_s: float = 2.0) -> dict[str, str]:
         """Poll ``scontrol show job -o`` until the job leaves PENDING/RUNNING/COMPLETING."""
         deadline = time.time() + timeout_s
         info: dict[str, str] = {}
         while time.time() < deadline:
             info = self.job_info(job_id)
-            if info.get("JobState") not in (None, "PENDING", "RUNNING", "COMPLETING", "CONFIGURING"):
+            if info.get("JobState") not in (None, "PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "REQUEUED"):
                 return info
             time.sleep(poll_s)
         subprocess.run(["scancel", job_id], env=self.env())

@@ -2,9 +2,10 @@
 
 The session fixture starts munged, slurmctld and two slurmd (n1, n2) from a fresh directory with
 free ports (tests/slurm/local_slurm.py) and stops exactly those pids at the end. The test submits
-a ~3-step tiny T-PPO run across both nodes, polls `scontrol show job -o`, and checks that the job
-completed, that a Ray head ran on n1 and a Ray worker on n2 and both were in the cluster the
-driver used, and that TensorBoard holds the training steps. About a minute on 2 cores.
+a 4-step tiny T-PPO run across both nodes, requeues it once its first checkpoint exists, polls
+`scontrol show job -o`, and checks that the job restarted, resumed by itself and completed, that
+a Ray head ran on n1 and a Ray worker on n2 and both were in the cluster the driver used, and
+that TensorBoard holds every training step. About two minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -61,12 +62,18 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_sbatch_two_nodes_tiny_run(slurm_cluster, tiny_model, tmp_path):
+def test_sbatch_two_nodes_tiny_run_requeued_resumes(slurm_cluster, tiny_model, tmp_path):
+    """One job: started across two nodes, requeued (`scontrol requeue`, as a preemption would) once
+    its first checkpoint exists, restarted by Slurm with the same job id, resumed by itself from
+    the newest whole checkpoint, and completed."""
+    import time
+
     from megatron_tppo.monitoring import read_scalars
 
     run_dir = tmp_path / "run"
     overrides = MODEL + [
-        f"model.hf_path={tiny_model}", "steps=3", "rollout.num_slots=8", "rollout.samples_per_prompt=4",
+        f"model.hf_path={tiny_model}", "steps=4", "checkpoint.save_every=1", "rollout.num_slots=8",
+        "rollout.samples_per_prompt=4",
         "rollout.window_tokens=12", "rollout.max_response_tokens=30", "algorithm.truncated_tail_ignore=2",
         "algorithm.critic_warmup_steps=1", "data.eval_prompts=4", "data.eval_every=3",
         "data.eval_samples_per_prompt=2", "logging.progress_bar=false", "parallel.threads_per_worker=1",
@@ -77,11 +84,24 @@ def test_sbatch_two_nodes_tiny_run(slurm_cluster, tiny_model, tmp_path):
     job = slurm_cluster.sbatch(["--nodes=2", "--gpus-per-node=0", "--time=30", "--job-name=tppo-test",
                                 f"--output={tmp_path}/slurm-%j.out", str(ROOT / "slurm" / "tppo_32b.sh"),
                                 "examples/tiny_cpu.yaml", *overrides], cwd=ROOT, env=env)
-    info = slurm_cluster.wait_job(job, timeout_s=480)
     out_file = tmp_path / f"slurm-{job}.out"
+    first_ckpt = run_dir / "checkpoints" / "step_00000001" / "COMPLETE"
+    deadline = time.time() + 480
+    while not first_ckpt.exists():
+        state = slurm_cluster.job_info(job).get("JobState")
+        assert state in ("PENDING", "RUNNING", "CONFIGURING") and time.time() < deadline, (
+            f"{state}; no first checkpoint\n" + (out_file.read_text()[-6000:] if out_file.exists() else ""))
+        time.sleep(0.5)
+    slurm_cluster.requeue(job)
+    info = slurm_cluster.wait_job(job, timeout_s=600)
     out = out_file.read_text() if out_file.exists() else "(no Slurm output file)"
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info.get('JobState')}\n{out[-6000:]}"
     assert info["NodeList"] == "n[1-2]"
+    assert info.get("Restarts") == "1", info
+    # the second start found the first one's checkpoint(s) and went on from there
+    driver_log = (run_dir / "driver.log").read_text()
+    assert "(restart 1)" in out and re.search(r"resumed from \S+step_0000000[1-3] at step [1-3]", driver_log), out[-6000:]
+    assert (run_dir / "checkpoints" / "step_00000004" / "COMPLETE").is_file()
 
     # a Ray head on n1 and a worker on n2, each from its own srun step, both in the driver's cluster
     head, worker = (run_dir / "ray-n1.log").read_text(), (run_dir / "ray-n2.log").read_text()
@@ -100,5 +120,5 @@ def test_sbatch_two_nodes_tiny_run(slurm_cluster, tiny_model, tmp_path):
 
     tb = read_scalars(run_dir / "tensorboard")
     steps = sorted({s for s, _ in tb["rollout/finished_count"]})
-    assert len([s for s in steps if s >= 1]) >= 2, steps
+    assert steps == [1, 2, 3, 4], steps
     assert (run_dir / "config.yaml").is_file() and (run_dir / "driver.log").is_file()

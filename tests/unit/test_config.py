@@ -82,6 +82,7 @@ def test_typos_name_the_nearest_key(override, expect):
     ("data.template=no placeholder", "data.template"),
     ("data.task=jsonl", "data.train_path: required"),
     ("rollout.window_tokens", "must look like key.sub=value"),
+    ("data.reward=not a path", "data.reward: must be auto, arith, math or 'module:function'"),
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(C.ConfigError, match=field.replace("(", r"\(")):

@@ -1,0 +1,82 @@
+"""The entry point's checks before any heavy start: they fail in well under a second, exit 2,
+name the field, and write nothing outside the run directory."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from megatron_tppo.config_io import load_config
+from megatron_tppo.train import main
+
+REPO_CFG = "examples/tiny_cpu.yaml"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """Only config.json matters to the preflight (the weights are read later, by the workers)."""
+    from megatron_tppo.weights.hf_config import hf_config_kwargs
+
+    d = tmp_path_factory.mktemp("model")
+    cfg = load_config(REPO_CFG, [])
+    kw = hf_config_kwargs(cfg.model, eos_token_id=1)
+    kw["architectures"] = ["Qwen2ForCausalLM"]
+    kw["model_type"] = "qwen2"
+    (d / "config.json").write_text(json.dumps(kw))
+    return d
+
+
+def _main(capsys, *overrides) -> tuple[int, str, float]:
+    t0 = time.perf_counter()
+    rc = main(["--config", REPO_CFG, *overrides])
+    return rc, capsys.readouterr().err, time.perf_counter() - t0
+
+
+def test_output_dir_under_a_file_is_refused(capsys, tmp_path, model_dir):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    rc, err, seconds = _main(capsys, f"model.hf_path={model_dir}", f"logging.output_dir={blocker}/run")
+    assert rc == 2 and "logging.output_dir=" in err and "is not writable" in err, err
+    assert blocker.read_text() == "not a directory" and seconds < 5
+
+
+def test_checkpoint_dir_that_cannot_be_created_is_refused(capsys, tmp_path, model_dir):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").write_text("a file where the checkpoints go")
+    rc, err, _ = _main(capsys, f"model.hf_path={model_dir}", f"logging.output_dir={out}")
+    assert rc == 2 and "is not writable" in err, err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only directory anyway")
+def test_read_only_output_dir_is_refused(capsys, tmp_path, model_dir):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        rc, err, _ = _main(capsys, f"model.hf_path={model_dir}", f"logging.output_dir={ro}/run")
+    finally:
+        ro.chmod(0o700)
+    assert rc == 2 and "is not writable" in err, err
+
+
+def test_missing_model_dir_is_refused(capsys, tmp_path):
+    rc, err, _ = _main(capsys, f"model.hf_path={tmp_path}/nope", f"logging.output_dir={tmp_path}/run")
+    assert rc == 2 and "model.hf_path" in err and "does not exist" in err, err
+    assert not (tmp_path / "run").exists()  # nothing written before the checks pass
+
+
+def test_model_dir_that_does_not_match_the_config_is_refused(capsys, tmp_path, model_dir):
+    rc, err, _ = _main(capsys, f"model.hf_path={model_dir}", "model.num_layers=3", f"logging.output_dir={tmp_path}/r")
+    assert rc == 2 and "model.num_layers=3" in err, err
+
+
+@pytest.mark.parametrize("reward,msg", [
+    ("tests.no_such_module:fn", "cannot be imported: ModuleNotFoundError"),
+    ("megatron_tppo.rewards:no_such_fn", "cannot be imported: AttributeError"),
+])
+def test_reward_that_cannot_be_imported_is_refused(capsys, tmp_path, model_dir, reward, msg):
+    rc, err, _ = _main(capsys, f"model.hf_path={model_dir}", f"data.reward={reward}", f"logging.output_dir={tmp_path}/r")
+    assert rc == 2 and "data.reward" in err and msg in err, err
