@@ -9,7 +9,7 @@ from megatron_tppo.rewards.arith import arith_reward
 def outcome(text: str) -> str:
     """"raise", "hang" or "ok" for this response text."""
     c = zlib.crc32(text.encode())
-    return "raise" if c % 4 == 0 else "hang" if c % 8 == 1 else "ok"
+    return "raise" if c % 4 == 0 else "hang" if c % 4 == 1 else "ok"
 
 
 def reward(text: str, meta: dict) -> float:

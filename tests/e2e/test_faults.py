@@ -3,9 +3,9 @@
 * checkpoint at step 2 and resume to 4 == 4 straight steps;
 * SIGUSR1 (Slurm's warning before the time limit) to a driver process: it finishes the step,
   checkpoints, exits 0; the resumed run matches the straight one;
-* ``kill -9`` of the driver in the middle of step 3, with the newest checkpoint then found
-  corrupt: resume falls back to the previous whole checkpoint and ends with the straight run's
-  metrics and the straight run's responses; no prompt lost or duplicated (counted);
+* ``kill -9`` of the driver while it writes step 3's checkpoint, with the newest whole checkpoint
+  (step 2) then found corrupt: resume ignores the partial one, falls back to step 1, and ends with
+  the straight run's metrics and responses; no prompt lost or duplicated (counted);
 * a rollout engine or a policy rank killed with SIGKILL: the run stops within seconds, naming it;
 * a reward that raises or hangs: those samples score 0 and are counted on TensorBoard.
 
@@ -86,12 +86,13 @@ def test_sigusr1_checkpoints_and_exits_then_resumes(straight_run, driver, tiny_m
 def test_kill9_driver_mid_step_then_resume_loses_no_prompt(straight_run, driver, tiny_model, tmp_path, capsys):
     straight_dir, straight = straight_run
     d = driver(tmp_path, RESUME_COMMON + ["checkpoint.save_every=1", "checkpoint.keep_last=3"])
-    d.wait_for(tmp_path / "checkpoints" / "step_00000002" / "COMPLETE")
-    time.sleep(1.0)  # inside step 3: generating or updating
-    assert not (tmp_path / "rollouts" / "step_00000003.jsonl").exists(), "step 3 ended before the kill"
+    # killed while step 3's checkpoint is being written (the step's work is done, its checkpoint
+    # is not whole): the nastiest moment, as the run must not count step 3 as done
+    d.wait_for(tmp_path / "checkpoints" / ".step_00000003.tmp")
     d.signal(signal.SIGKILL)
     assert d.wait(timeout_s=30) == -signal.SIGKILL
-    # a half-written checkpoint must never be picked: make the newest whole one unloadable too
+    assert not (tmp_path / "checkpoints" / "step_00000003").exists()
+    # and the newest whole checkpoint then turns out corrupt (truncated policy shards)
     policy_files = sorted((tmp_path / "checkpoints" / "step_00000002" / "policy").rglob("*.distcp"))
     assert policy_files
     for f in policy_files:
@@ -147,8 +148,9 @@ def test_actor_death_stops_the_run_naming_it(ray_cluster, tiny_model, tmp_path, 
 
 
 def test_reward_that_raises_or_hangs_scores_zero_and_is_counted(ray_cluster, tiny_model, tmp_path):
+    # responses of at most one window: every sample finishes in its step (24 scored in 3 steps)
     _, tb = run_tiny(tmp_path, tiny_model, ["data.reward=tests.e2e.faulty_reward:reward", "data.reward_timeout_s=1",
-                                             "data.eval_every=0"])
+                                             "data.eval_every=0", "rollout.max_response_tokens=12"])
     rows = [r for rows in read_dumps(tmp_path).values() for r in rows]
     kinds = [outcome(r["response"]) for r in rows]
     assert "raise" in kinds and "hang" in kinds, "pick another checksum rule: no raise/hang in this run"
