@@ -1,6 +1,6 @@
 """Smoke test of tools/build_tiny_model.py: a few SFT steps of a very small model, then reuse.
 
-The real build (the config's architecture, hundreds of steps) is exercised by the e2e tests.
+The real build (the config's architecture, about a thousand steps) runs in `make run`, not in the tests.
 """
 from __future__ import annotations
 

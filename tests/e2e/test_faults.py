@@ -6,7 +6,8 @@
 * ``kill -9`` of the driver while it writes step 3's checkpoint, with the newest whole checkpoint
   (step 2) then found corrupt: resume ignores the partial one, falls back to step 1, and ends with
   the straight run's metrics and responses; no prompt lost or duplicated (counted);
-* a rollout engine or a policy rank killed with SIGKILL: the run stops within seconds, naming it;
+* a rollout engine (under a driver process: exit 1, how to resume) or a policy rank (of TP=2)
+  killed with SIGKILL: the run stops within seconds, naming it;
 * a reward that raises or hangs: those samples score 0 and are counted on TensorBoard.
 
 Tolerance for "the same metrics": relative 1e-4 (fp32 on CPU; the runs are bit-identical in
@@ -125,26 +126,39 @@ def _kill_when_running(out: Path, group: str, rank: int, box: dict) -> None:
     box["killed_at"] = time.monotonic()
 
 
-@pytest.mark.parametrize("group,rank,layout", [
-    ("rollout engine", 0, []),
-    ("policy", 1, ["parallel.policy.tensor_parallel=2"]),
-])
-def test_actor_death_stops_the_run_naming_it(ray_cluster, tiny_model, tmp_path, group, rank, layout):
+def test_rollout_engine_death_stops_the_driver_naming_it(driver, tmp_path):
+    """The CLI path: the driver process exits 1 within seconds, names the engine, says how to resume."""
+    d = driver(tmp_path, ["steps=20", "data.eval_every=0", "checkpoint.save_every=1"])
+    d.wait_for(tmp_path / "rollouts" / "step_00000002.jsonl")
+    pid = next(a["pid"] for a in json.loads((tmp_path / "actors.json").read_text()) if a["group"] == "rollout engine")
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    assert d.wait(timeout_s=120) == 1, d.log()
+    waited = time.monotonic() - t0
+    log = d.log()
+    assert "run stopped: rollout." in log and f"rollout engine rank 0 (pid {pid} on " in log, log
+    assert "with checkpoint.resume=true" in log and "checkpoints/step_0000000" in log, log
+    assert waited < 60, f"the driver exited {waited:.1f} s after the kill"
+    print(f"rollout engine killed; driver exited {waited:.1f} s later")
+
+
+def test_trainer_rank_death_stops_the_run_naming_it(ray_cluster, tiny_model, tmp_path):
+    """Policy rank 1 of 2 (TP=2) killed while rank 0 may be waiting for it in a collective."""
     from megatron_tppo.controller.errors import ActorDiedError
 
     box: dict = {}
-    killer = threading.Thread(target=_kill_when_running, args=(tmp_path, group, rank, box), daemon=True)
+    killer = threading.Thread(target=_kill_when_running, args=(tmp_path, "policy", 1, box), daemon=True)
     killer.start()
     try:
         with pytest.raises(ActorDiedError) as err:
-            run_tiny(tmp_path, tiny_model, layout + ["steps=6", "data.eval_every=0"])
+            run_tiny(tmp_path, tiny_model, ["parallel.policy.tensor_parallel=2", "steps=20", "data.eval_every=0"])
     finally:
         box["stop"] = True
         killer.join(5)
     waited = time.monotonic() - box["killed_at"]
-    assert f"{group} rank {rank} (pid {box['pid']}" in str(err.value)
+    assert f"policy rank 1 (pid {box['pid']} on " in str(err.value)
     assert waited < 60, f"noticed {waited:.1f} s after the kill"
-    print(f"{group} rank {rank} killed; run stopped {waited:.1f} s later: {err.value}")
+    print(f"policy rank 1 killed; run stopped {waited:.1f} s later: {err.value}")
 
 
 def test_reward_that_raises_or_hangs_scores_zero_and_is_counted(ray_cluster, tiny_model, tmp_path):

@@ -112,7 +112,7 @@ def test_sbatch_two_nodes_tiny_run_requeued_resumes(slurm_cluster, tiny_model, t
     assert "Ray cluster ready: 2 nodes alive" in out
     for m in (m_head, m_worker):
         assert f"raylet {m.group(1)}:{m.group(2)} " in out, out
-    assert re.search(r"driver on n1: .*parallel\.ray_address=\S+:\d+", out)
+    assert re.search(r"driver on n1 \(restart 0\): .*parallel\.ray_address=\S+:\d+", out)
     assert "Connected to Ray cluster" in out or "Connecting to existing Ray cluster" in out
     # the steps were stopped by the script, and cleaned up after themselves
     assert "[ray-node n1] head stopped" in head and "[ray-node n2] worker stopped" in worker
