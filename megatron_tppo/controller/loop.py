@@ -128,7 +128,7 @@ class TPPOLoop:
         limit = self.cfg.algorithm.max_nonfinite_updates
         if self.nonfinite_streak >= limit:
             raise NonFiniteLossError(f"{self.nonfinite_streak} consecutive steps with a NaN/inf loss "
-                               f"(algorithm.max_nonfinite_updates={limit}); stopping")
+                                     f"(algorithm.max_nonfinite_updates={limit}); stopping")
 
     @staticmethod
     def _timed(fn, *args):

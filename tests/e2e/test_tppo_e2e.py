@@ -53,7 +53,7 @@ def test_e2e_policy_pp2(ray_cluster, tiny_model, tmp_path):
 
 @pytest.mark.slow
 def test_time_budget_ends_the_run_like_a_last_step(ray_cluster, tiny_model, tmp_path):
-    cfg, tb = run_tiny(tmp_path, tiny_model, ["steps=50", "time_budget_s=0.5", "data.eval_every=10"])
+    cfg, tb = run_tiny(tmp_path, tiny_model, ["steps=50", "time_budget_s=0.01", "data.eval_every=10"])
     assert [s for s, _ in tb["rollout/finished_count"]] == [1]
     assert [s for s, _ in tb["eval/accuracy"]] == [0, 1]  # start, and the last step's evaluation
     assert (tmp_path / "checkpoints" / "step_00000001" / "COMPLETE").is_file()
