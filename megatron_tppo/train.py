@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a policy with Truncated PPO (T-PPO). Overrides: key.sub=value (see --help-config).",
     )
     p.add_argument("--config", help="YAML config file (examples/*.yaml); defaults apply when omitted")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest whole checkpoint of logging.output_dir (= checkpoint.resume=true)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then exit")
     p.add_argument("--help-config", action="store_true", help="list every config key with its type, default and doc")
     from megatron_tppo.plan import add_plan_args  # pure: with --dry-run --nodes K, print the layout plan too
@@ -39,7 +41,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[TPPOConfig, argparse.Na
     if args.help_config:
         print(help_text())
         raise SystemExit(0)
-    return load_config(args.config, args.overrides), args
+    return load_config(args.config, args.overrides + (["checkpoint.resume=true"] if args.resume else [])), args
 
 
 def check_model_dir(cfg: TPPOConfig) -> Path:

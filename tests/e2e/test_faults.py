@@ -1,8 +1,8 @@
 """Faults caused for real on a running T-PPO job (Ray cluster, megatron-core, vLLM), and resume.
 
 * checkpoint at step 2 and resume to 4 == 4 straight steps;
-* SIGUSR1 (Slurm's warning before the time limit) to a driver process: it finishes the step,
-  checkpoints, exits 0; the resumed run matches the straight one;
+* SIGUSR1 (Slurm's warning before the time limit) or SIGTERM (scancel, preemption) to a driver
+  process: it finishes the step, checkpoints, exits 0; the resumed run matches the straight one;
 * ``kill -9`` of the driver while it writes step 3's checkpoint, with the newest whole checkpoint
   (step 2) then found corrupt: resume ignores the partial one, falls back to step 1, and ends with
   the straight run's metrics and responses; no prompt lost or duplicated (counted);
@@ -69,17 +69,18 @@ def test_resume_reaches_the_same_metrics(straight_run, tiny_model, tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000004"]
 
 
-def test_sigusr1_checkpoints_and_exits_then_resumes(straight_run, driver, tiny_model, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
+def test_signal_checkpoints_and_exits_then_resumes(straight_run, driver, tiny_model, tmp_path, sig):
     _, straight = straight_run
     d = driver(tmp_path, RESUME_COMMON)  # save_every=0: only the signal makes it checkpoint
     d.wait_for(tmp_path / "rollouts" / "step_00000001.jsonl")
-    d.signal(signal.SIGUSR1)
+    d.signal(sig)
     assert d.wait(timeout_s=300) == 0, d.log()
     ckpts = sorted((tmp_path / "checkpoints").glob("step_*"))
     assert len(ckpts) == 1 and (ckpts[0] / "COMPLETE").is_file(), d.log()
     stopped_at = int(ckpts[0].name.split("_")[1])
     assert 1 <= stopped_at < 4
-    assert f"SIGUSR1 received: checkpointed and stopping after step {stopped_at}" in d.log()
+    assert f"{sig.name} received: checkpointed and stopping after step {stopped_at}" in d.log()
     _, resumed = run_tiny(tmp_path, tiny_model, RESUME_COMMON + ["checkpoint.resume=true"])
     assert_same_metrics(straight, resumed, range(stopped_at + 1, 5))
 

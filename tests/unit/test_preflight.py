@@ -80,3 +80,10 @@ def test_model_dir_that_does_not_match_the_config_is_refused(capsys, tmp_path, m
 def test_reward_that_cannot_be_imported_is_refused(capsys, tmp_path, model_dir, reward, msg):
     rc, err, _ = _main(capsys, f"model.hf_path={model_dir}", f"data.reward={reward}", f"logging.output_dir={tmp_path}/r")
     assert rc == 2 and "data.reward" in err and msg in err, err
+
+
+def test_resume_flag_is_checkpoint_resume():
+    from megatron_tppo.train import parse_config
+
+    assert parse_config(["--config", REPO_CFG, "--resume"])[0].checkpoint.resume is True
+    assert parse_config(["--config", REPO_CFG, "steps=3"])[0].checkpoint.resume is False
