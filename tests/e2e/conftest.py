@@ -79,7 +79,7 @@ class Driver:
         while not path.exists():
             assert self.proc.poll() is None, f"driver exited ({self.proc.returncode}) early:\n{self.log()}"
             assert time.time() < deadline, f"{path} did not appear within {timeout_s} s:\n{self.log()}"
-            time.sleep(0.2)
+            time.sleep(0.05)
 
     def signal(self, sig: int) -> None:
         os.kill(self.proc.pid, sig)
