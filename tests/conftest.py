@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# the tiny random model of the end-to-end and Slurm tests (examples/tiny_cpu.yaml, made smaller)
+TINY_MODEL = ["model.num_layers=2", "model.hidden_size=128", "model.ffn_hidden_size=256",
+              "model.num_attention_heads=4", "model.num_query_groups=2", "model.max_position_embeddings=128"]
 
 
 def free_port() -> int:
@@ -86,3 +89,16 @@ def run_jobs(tmp_path_factory):
     yield run
     for job in started:
         job.kill()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A random HF model of TINY_MODEL's shape with the char tokenizer, saved once per session."""
+    from megatron_tppo.config_io import load_config
+    from megatron_tppo.data.tokenizer import save_tokenizer
+    from megatron_tppo.weights.hf_config import save_random_hf_model
+
+    path = tmp_path_factory.mktemp("model")
+    save_random_hf_model(load_config(str(REPO / "examples/tiny_cpu.yaml"), TINY_MODEL).model, path, seed=0)
+    save_tokenizer(path)
+    return path

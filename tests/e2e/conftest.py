@@ -1,6 +1,7 @@
 """Shared by the end-to-end tests: ONE Ray cluster per test session, a tiny random model, a runner
 for a few T-PPO steps (in this process or as a separate driver process joining the cluster), and
-one uninterrupted reference run that the resume and fault tests compare against."""
+one uninterrupted reference run that the resume and fault tests compare against (the tiny model
+itself is tests/conftest.py's)."""
 from __future__ import annotations
 
 import os
@@ -14,10 +15,10 @@ import pytest
 
 from megatron_tppo.config_io import load_config
 from megatron_tppo.monitoring import read_scalars
+from tests.conftest import TINY_MODEL
 
 REPO = Path(__file__).resolve().parents[2]
-MODEL = ["model.num_layers=2", "model.hidden_size=128", "model.ffn_hidden_size=256", "model.num_attention_heads=4",
-         "model.num_query_groups=2", "model.max_position_embeddings=128"]
+MODEL = TINY_MODEL  # the session's tiny_model fixture (tests/conftest.py) has this shape
 # 8 slots x groups of 4, windows of 12 tokens, responses of at most 30: three windows at most
 SMALL = ["rollout.num_slots=8", "rollout.samples_per_prompt=4", "rollout.window_tokens=12",
          "rollout.max_response_tokens=30", "algorithm.truncated_tail_ignore=2", "algorithm.critic_warmup_steps=1",
@@ -34,17 +35,6 @@ def ray_cluster():
     ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}})
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    from megatron_tppo.data.tokenizer import save_tokenizer
-    from megatron_tppo.weights.hf_config import save_random_hf_model
-
-    path = tmp_path_factory.mktemp("model")
-    save_random_hf_model(load_config(str(REPO / "examples/tiny_cpu.yaml"), MODEL).model, path, seed=0)
-    save_tokenizer(path)
-    return path
 
 
 def tiny_overrides(out: Path, model_dir: Path, extra: list[str]) -> list[str]:

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import TINY_MODEL
 from tests.slurm.local_slurm import LocalSlurm, missing_binaries
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = [ROOT / "slurm" / "tppo_32b.sh", ROOT / "slurm" / "ray_node.sh"]
-MODEL = ["model.num_layers=2", "model.hidden_size=128", "model.ffn_hidden_size=256", "model.num_attention_heads=4",
-         "model.num_query_groups=2", "model.max_position_embeddings=128"]
 
 
 def test_scripts_pass_shellcheck():
@@ -49,18 +48,6 @@ def slurm_cluster():
     shutil.rmtree(cluster.dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from megatron_tppo.config_io import load_config
-    from megatron_tppo.data.tokenizer import save_tokenizer
-    from megatron_tppo.weights.hf_config import save_random_hf_model
-
-    path = tmp_path_factory.mktemp("model")
-    save_random_hf_model(load_config(str(ROOT / "examples/tiny_cpu.yaml"), MODEL).model, path, seed=0)
-    save_tokenizer(path)
-    return path
-
-
 @pytest.mark.slow
 def test_sbatch_two_nodes_tiny_run_requeued_resumes(slurm_cluster, tiny_model, tmp_path):
     """One job: started across two nodes, requeued (`scontrol requeue`, as a preemption would) once
@@ -71,7 +58,7 @@ def test_sbatch_two_nodes_tiny_run_requeued_resumes(slurm_cluster, tiny_model, t
     from megatron_tppo.monitoring import read_scalars
 
     run_dir = tmp_path / "run"
-    overrides = MODEL + [
+    overrides = TINY_MODEL + [
         f"model.hf_path={tiny_model}", "steps=4", "checkpoint.save_every=1", "rollout.num_slots=8",
         "rollout.samples_per_prompt=4",
         "rollout.window_tokens=12", "rollout.max_response_tokens=30", "algorithm.truncated_tail_ignore=2",
