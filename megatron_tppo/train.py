@@ -247,10 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         metrics = run(cfg)
     except RunAborted as err:
-        from megatron_tppo.controller.run_checkpoint import checkpoint_root, list_checkpoints
+        from megatron_tppo.controller.run_checkpoint import checkpoint_root, latest_checkpoint
 
-        whole = list_checkpoints(checkpoint_root(out))
-        hint = (f"resume from {whole[-1]} with checkpoint.resume=true" if whole
+        latest = latest_checkpoint(checkpoint_root(out))
+        hint = (f"resume from {latest} with checkpoint.resume=true" if latest is not None
                 else "no run checkpoint was written yet")
         print(f"[tppo] run stopped: {err}\n[tppo] {hint}", file=sys.stderr, flush=True)
         return 1

@@ -57,6 +57,7 @@ class TrainerGroup:
     def __init__(self, name: str, model_cfg, layout, optim_cfg, *, role: str, device: str, seed: int,
                  total_steps: int, threads: int = 0, setup_timeout_s: float = 600.0):
         self.name, self.world, self.where = name, layout.world_size, None
+        self.who = _names(name, None, self.world)  # actor names for errors; pid and node once known
         self.pg = placement_group(_bundles(self.world, device), strategy="PACK", name=f"tppo-{name}")
         _get(self.pg.ready(), f"{name}: placement group", timeout=setup_timeout_s)
         remote = ray.remote(TrainerWorker)
@@ -71,10 +72,11 @@ class TrainerGroup:
         self.ranks = self._all("setup", master, model_cfg, layout, optim_cfg, role, device, seed, total_steps,
                                timeout=setup_timeout_s)
         self.where = [dict(w, group=name, rank=i) for i, w in enumerate(self._all("ping", timeout=setup_timeout_s))]
+        self.who = _names(name, self.where, self.world)
 
     def _all(self, method: str, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> list:
         refs = [getattr(w, method).remote(*args, **kwargs) for w in self.workers]
-        return _get(refs, f"{self.name}.{method}", timeout=timeout, who=_names(self.name, self.where, self.world))
+        return _get(refs, f"{self.name}.{method}", timeout=timeout, who=self.who)
 
     def load_hf(self, hf_dir: str) -> int:
         return self._all("load_hf", hf_dir)[0]
@@ -88,7 +90,7 @@ class TrainerGroup:
         return [w.forward.remote(batch_ref, with_entropy) for w in self.workers]
 
     def wait(self, refs: list) -> dict:
-        return _get(refs, f"{self.name}.forward", who=_names(self.name, self.where, self.world))[0]
+        return _get(refs, f"{self.name}.forward", who=self.who)[0]
 
     def train_step(self, batch: dict, loss_fn, global_num_tokens: float, with_entropy: bool = False) -> dict:
         return self.wait_train(self.train_step_async(batch, loss_fn, global_num_tokens, with_entropy))
@@ -99,7 +101,7 @@ class TrainerGroup:
         return [w.train_step.remote(batch_ref, loss_fn, global_num_tokens, with_entropy) for w in self.workers]
 
     def wait_train(self, refs: list) -> dict:
-        return _get(refs, f"{self.name}.train_step", who=_names(self.name, self.where, self.world))[0]
+        return _get(refs, f"{self.name}.train_step", who=self.who)[0]
 
     def full_weights(self, dtype: Optional[str] = None) -> list:
         """All pipeline stages' (megatron name, full tensor) pairs, in stage order."""
@@ -137,6 +139,7 @@ class RolloutGroup:
         ]
         where = _get([w.ping.remote() for w in self.workers], "rollout: engine start", timeout=setup_timeout_s)
         self.where = [dict(w, group="rollout engine", rank=i) for i, w in enumerate(where)]
+        self.who = _names("rollout engine", self.where, n)
 
     def generate(self, prompts: list, max_tokens: list, sampling, n: int = 1) -> list:
         """Split the prompts evenly over the engines; results in prompt-major order."""
@@ -145,7 +148,7 @@ class RolloutGroup:
         refs = [w.generate.remote(prompts[a:b], max_tokens[a:b], sampling, n)
                 for w, (a, b) in zip(self.workers, chunks) if b > a]
         out: list = []
-        who = [n for n, (a, b) in zip(_names("rollout engine", self.where, k), chunks) if b > a]
+        who = [name for name, (a, b) in zip(self.who, chunks) if b > a]
         for part in _get(refs, "rollout.generate", who=who):
             out.extend(part)
         return out
@@ -154,7 +157,7 @@ class RolloutGroup:
         """Push (megatron name, full tensor) pairs into every engine; returns engine 0's stats."""
         ref = ray.put(named)
         refs = [w.load_weights.remote(ref, version, model_cfg, bucket_mb) for w in self.workers]
-        return _get(refs, "rollout.load_weights", who=_names("rollout engine", self.where, len(self.workers)))[0]
+        return _get(refs, "rollout.load_weights", who=self.who)[0]
 
     def shutdown(self) -> None:
         for w in self.workers:

@@ -18,7 +18,6 @@ from megatron_tppo.monitoring import read_scalars
 from tests.conftest import TINY_MODEL
 
 REPO = Path(__file__).resolve().parents[2]
-MODEL = TINY_MODEL  # the session's tiny_model fixture (tests/conftest.py) has this shape
 # 8 slots x groups of 4, windows of 12 tokens, responses of at most 30: three windows at most
 SMALL = ["rollout.num_slots=8", "rollout.samples_per_prompt=4", "rollout.window_tokens=12",
          "rollout.max_response_tokens=30", "algorithm.truncated_tail_ignore=2", "algorithm.critic_warmup_steps=1",
@@ -38,7 +37,7 @@ def ray_cluster():
 
 
 def tiny_overrides(out: Path, model_dir: Path, extra: list[str]) -> list[str]:
-    return MODEL + [f"model.hf_path={model_dir}", "steps=3"] + SMALL + [f"logging.output_dir={out}"] + extra
+    return TINY_MODEL + [f"model.hf_path={model_dir}", "steps=3"] + SMALL + [f"logging.output_dir={out}"] + extra
 
 
 def run_tiny(out: Path, model_dir: Path, extra: list[str]):
