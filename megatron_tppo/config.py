@@ -111,6 +111,10 @@ class ParallelConfig:
     """Compute device; auto picks cuda when a GPU is visible, else cpu (gloo)."""
     ray_address: Optional[str] = None
     """Ray cluster to join ("auto" or host:port, as ``ray start`` printed); None starts a local one."""
+    local_gpus: Optional[int] = None
+    """GPUs the local Ray cluster declares when the driver starts one (ray_address None); None lets
+    Ray detect them. On a CPU machine, N > 0 logical GPUs make the GPU placement (one bundle per GPU,
+    colocation, TP groups within a node) run for real, with CPU compute inside the actors."""
     threads_per_worker: int = 0
     """torch intra-op threads per trainer/rollout process; 0 keeps torch's default."""
 
@@ -370,6 +374,11 @@ class TPPOConfig:
                   "FP8 needs a GPU with Transformer Engine; parallel.device is cpu")
             check(m.params_dtype != "fp32", "model.fp8", "FP8 training expects params_dtype bf16 or fp16")
 
+        lg = self.parallel.local_gpus
+        if lg is not None:
+            check(lg >= 0, "parallel.local_gpus", f"must be >= 0, got {lg}")
+            check(self.parallel.ray_address is None, "parallel.local_gpus",
+                  "only applies to a local Ray cluster; with parallel.ray_address the cluster declares its GPUs")
         for role in ("policy", "critic"):
             lay: LayoutConfig = getattr(self.parallel, role)
             for name in ("tensor_parallel", "pipeline_parallel", "data_parallel", "micro_batch_tokens"):

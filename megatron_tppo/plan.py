@@ -54,15 +54,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import sys
 from dataclasses import dataclass
 from typing import Optional
 
 from megatron_tppo.config import ConfigError, LayoutConfig, ModelConfig, TPPOConfig
-
-
 from megatron_tppo.config_io import load_config
+from megatron_tppo.placement import Placement, PlacementError, plan_placement
 
 GiB = 2 ** 30
 
@@ -192,6 +192,7 @@ class PlanError(ValueError):
 class Plan:
     lines: list[str]
     numbers: dict[str, float]
+    placement: Optional[Placement] = None
 
 
 def fill_layout(cfg: TPPOConfig, total_gpus: int) -> list[str]:
@@ -233,30 +234,17 @@ def make_plan(cfg: TPPOConfig, nodes: int, gpus_per_node: int, gpu: GPU = GPU(),
         if m.num_layers % lay.pipeline_parallel:
             errors.append(f"parallel.{role}.pipeline_parallel={lay.pipeline_parallel} does not divide "
                           f"model.num_layers={m.num_layers}")
-        if t > gpus_per_node:
-            errors.append(f"parallel.{role}.tensor_parallel={t} spans nodes ({gpus_per_node} GPUs per node)")
-        if lay.world_size > gpus_per_node and lay.world_size % gpus_per_node:
-            errors.append(f"{role} world size {lay.world_size} (TPxPPxDP) is not a multiple of {gpus_per_node} "
-                          "GPUs per node: ranks would straddle nodes unevenly")
     if m.num_attention_heads % r.tensor_parallel:
         errors.append(f"rollout.tensor_parallel={r.tensor_parallel} does not divide the {m.num_attention_heads} heads")
-    if r.tensor_parallel > gpus_per_node:
-        errors.append(f"rollout.tensor_parallel={r.tensor_parallel} spans nodes ({gpus_per_node} GPUs per node)")
-    train_gpus = pol.world_size + cri.world_size
     vllm_gpus = r.num_engines * r.tensor_parallel
-    if r.colocate:
-        needed = train_gpus
-        if vllm_gpus > train_gpus:
-            errors.append(f"colocated vLLM needs {vllm_gpus} GPUs ({r.num_engines} engines x TP {r.tensor_parallel}) "
-                          f"but the trainers hold only {train_gpus}")
-    else:
-        needed = train_gpus + vllm_gpus
-    if needed > total:
-        errors.append(f"needs {needed} GPUs (policy {pol.world_size} + critic {cri.world_size}"
-                      + ("" if r.colocate else f" + vLLM {vllm_gpus}") + f"), the cluster has {nodes}x{gpus_per_node}"
-                      f" = {total}")
+    try:
+        placement = plan_placement(cfg, nodes, gpus_per_node)  # the exact bundles the Ray code applies
+    except PlacementError as err:
+        errors += str(err).splitlines()[1:]
+        placement = None
     if errors:
-        raise PlanError("layout does not divide:\n  " + "\n  ".join(errors))
+        raise PlanError("layout does not divide:\n  " + "\n  ".join(e.strip() for e in errors))
+    needed = placement.gpus_requested
 
     # ---- memory
     usable = gpu.usable_bytes
@@ -283,6 +271,7 @@ def make_plan(cfg: TPPOConfig, nodes: int, gpus_per_node: int, gpu: GPU = GPU(),
              f"vLLM   : {r.num_engines} engine(s) x TP{r.tensor_parallel} = {vllm_gpus} GPUs, "
              + ("colocated with the trainers" if r.colocate else "on their own GPUs")
              + f"; GPUs used {needed} of {total}",
+             *placement.describe(),
              "memory per GPU (worst pipeline stage):"]
     for name, tm in (("policy", pm), ("critic", cm)):
         lines.append(f"  {name}: params {tm.params / 1e9:.2f}B | weights {_gib(tm.weights)} | grads {_gib(tm.grads)} | "
@@ -348,7 +337,7 @@ def make_plan(cfg: TPPOConfig, nodes: int, gpus_per_node: int, gpu: GPU = GPU(),
     if fit_errors:
         raise PlanError("layout does not fit in GPU memory:\n  " + "\n  ".join(fit_errors)
                         + "\n" + "\n".join(lines))
-    return Plan(lines, numbers)
+    return Plan(lines, numbers, placement)
 
 
 def add_plan_args(p: argparse.ArgumentParser) -> None:
@@ -358,6 +347,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
                    help="scale data-parallel sizes and vLLM engines to the cluster (prints the overrides)")
     p.add_argument("--prompt-tokens", type=int, default=1024, help="prompt length bound for KV/time (default 1024)")
     p.add_argument("--gpu-memory-gib", type=float, default=GPU.memory_gib, help="GPU memory (default H100 80 GB)")
+    p.add_argument("--json", action="store_true",
+                   help="print the plan as JSON: gpus_requested, gpus_available, every group's bundles, numbers")
 
 
 def run_plan(cfg: TPPOConfig, args: argparse.Namespace, out=None) -> int:
@@ -376,7 +367,10 @@ def run_plan(cfg: TPPOConfig, args: argparse.Namespace, out=None) -> int:
     except (PlanError, ConfigError) as err:
         print(f"plan refused: {err}", file=sys.stderr)
         return 3
-    print("\n".join(plan.lines), file=out)
+    if getattr(args, "json", False):
+        print(json.dumps(dict(plan.placement.to_json(), numbers=plan.numbers), indent=1), file=out)
+    else:
+        print("\n".join(plan.lines), file=out)
     return 0
 
 

@@ -142,6 +142,7 @@ def run(cfg: TPPOConfig) -> dict:
 
     from megatron_tppo.controller import cluster, run_checkpoint
     from megatron_tppo.controller.groups import RolloutGroup, TrainerGroup
+    from megatron_tppo.controller.ray_placement import PlacedCluster, plan_for_cluster
     from megatron_tppo.controller.loop import Task, TPPOLoop
     from megatron_tppo.data.datasets import build_eval_prompts, build_prompt_stream, reward_name
     from megatron_tppo.data.tokenizer import load_tokenizer, make_encoder
@@ -165,21 +166,28 @@ def run(cfg: TPPOConfig) -> dict:
                 decode=lambda ids: tok.decode(ids, skip_special_tokens=True), score=score)
     logger = MetricsLogger(out, enabled=cfg.logging.tensorboard)
     print(f"[tppo] TensorBoard events: {logger.log_dir.resolve()}", flush=True)
-    started = cluster.connect(cfg.parallel.ray_address)
-    groups = []
+    started = cluster.connect(cfg.parallel.ray_address, num_gpus=cfg.parallel.local_gpus)
+    groups: list = []
     try:
         t0 = time.perf_counter()
         threads = cfg.parallel.threads_per_worker
-        rollout = RolloutGroup(cfg.rollout.backend, str(model_dir), cfg.rollout, cfg.model, device=device, threads=threads)
+        plan, on_gpus = plan_for_cluster(cfg, device)
+        for line in plan.describe():
+            print(f"[tppo] {line}", flush=True)
+        placed = PlacedCluster(plan, on_gpus)
+        groups.append(placed)
+        rollout = RolloutGroup(cfg.rollout.backend, str(model_dir), cfg.rollout, cfg.model, placed=placed,
+                               threads=threads)
         groups.append(rollout)
         policy = TrainerGroup("policy", cfg.model, cfg.parallel.policy, cfg.optim.policy, role="policy",
-                              device=device, seed=cfg.seed, total_steps=cfg.steps, threads=threads)
+                              device=device, seed=cfg.seed, total_steps=cfg.steps, placed=placed, threads=threads)
         groups.append(policy)
         critic = TrainerGroup("critic", cfg.model, cfg.parallel.critic, cfg.optim.critic, role="critic",
-                              device=device, seed=cfg.seed + 1, total_steps=cfg.steps, threads=threads)
+                              device=device, seed=cfg.seed + 1, total_steps=cfg.steps, placed=placed, threads=threads)
         groups.append(critic)
         print(f"[tppo] cluster up in {time.perf_counter() - t0:.1f} s: policy {policy.world} ranks, "
-              f"critic {critic.world} ranks, {cfg.rollout.num_engines} rollout engine(s) on {device}", flush=True)
+              f"critic {critic.world} ranks, {cfg.rollout.num_engines} rollout engine(s) on {device}"
+              + (" (GPU bundles)" if on_gpus else ""), flush=True)
         # which process is which (for py-spy, logs, and telling what died)
         (out / "actors.json").write_text(json.dumps(rollout.where + policy.where + critic.where, indent=1) + "\n")
 

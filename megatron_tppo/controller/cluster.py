@@ -5,12 +5,14 @@ import os
 from typing import Optional
 
 
-def connect(address: Optional[str] = None, num_cpus: Optional[int] = None) -> bool:
+def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, num_gpus: Optional[int] = None) -> bool:
     """Initialize Ray in this process; returns True when it started a new local cluster.
 
     ``address`` None (and no RAY_ADDRESS in the environment) starts a local cluster; otherwise it
     joins that cluster ("auto" finds one started on this node). On CPU the actors declare tiny
-    CPU fractions, so ``num_cpus`` only bounds Ray's own task scheduling.
+    CPU fractions, so ``num_cpus`` only bounds Ray's own task scheduling. ``num_gpus`` (local
+    cluster only) declares that many GPUs; None lets Ray detect them (logical GPUs on a CPU machine
+    make the GPU placement run there).
     """
     import ray
 
@@ -25,7 +27,8 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None) -> bo
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
         return False
-    ray.init(num_cpus=num_cpus or max(os.cpu_count() or 1, 4), include_dashboard=False,
+    gpus = {} if num_gpus is None else {"num_gpus": num_gpus}
+    ray.init(num_cpus=num_cpus or max(os.cpu_count() or 1, 4, num_gpus or 0), include_dashboard=False, **gpus,
              runtime_env={"env_vars": env}, log_to_driver=True)
     return True
 

@@ -1,24 +1,18 @@
 """Ray actor groups: a trainer (TP x PP x DP ranks forming one process group) and rollout engines.
 
-Placement: each group gets a placement group with one bundle per rank (``{"GPU": 1, "CPU": 1}``
-on GPU; a fractional CPU on CPU, where the ranks share the cores and run phase by phase), packed
-onto as few nodes as possible so tensor-parallel ranks share a node. On a multi-node Ray cluster
-the same code spreads larger groups across nodes.
+Placement: every actor goes where the run's pure plan (:mod:`megatron_tppo.placement`) puts it,
+through the placement groups :class:`~megatron_tppo.controller.ray_placement.PlacedCluster`
+created from that plan; the groups here only start actors and call them.
 """
 from __future__ import annotations
 
 from typing import Any, Optional
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from megatron_tppo.controller.errors import ActorDiedError
+from megatron_tppo.controller.ray_placement import PlacedCluster
 from megatron_tppo.controller.workers import RolloutWorker, TrainerWorker
-
-
-def _bundles(n: int, device: str) -> list[dict]:
-    return [{"GPU": 1, "CPU": 1} if device == "cuda" else {"CPU": 0.01} for _ in range(n)]
 
 
 def _get(refs: Any, what: str, timeout: Optional[float] = None, who: Optional[list[str]] = None) -> Any:
@@ -55,23 +49,18 @@ class TrainerGroup:
     """All ranks of one trained model (policy or critic) as Ray actors."""
 
     def __init__(self, name: str, model_cfg, layout, optim_cfg, *, role: str, device: str, seed: int,
-                 total_steps: int, threads: int = 0, setup_timeout_s: float = 600.0):
+                 total_steps: int, placed: PlacedCluster, threads: int = 0, setup_timeout_s: float = 600.0):
         self.name, self.world, self.where = name, layout.world_size, None
         self.who = _names(name, None, self.world)  # actor names for errors; pid and node once known
-        self.pg = placement_group(_bundles(self.world, device), strategy="PACK", name=f"tppo-{name}")
-        _get(self.pg.ready(), f"{name}: placement group", timeout=setup_timeout_s)
+        actors = placed.plan.policy if role == "policy" else placed.plan.critic
+        assert len(actors) == self.world, (len(actors), self.world)
         remote = ray.remote(TrainerWorker)
-        self.workers = [
-            remote.options(
-                name=None, num_cpus=0 if device != "cuda" else 1, num_gpus=1 if device == "cuda" else 0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-            ).remote(i, self.world, threads)
-            for i in range(self.world)
-        ]
+        self.workers = [remote.options(**placed.actor_options(a)).remote(a.rank, self.world, threads) for a in actors]
         master = _get(self.workers[0].address.remote(), f"{name}: rank 0 address", timeout=setup_timeout_s)
         self.ranks = self._all("setup", master, model_cfg, layout, optim_cfg, role, device, seed, total_steps,
                                timeout=setup_timeout_s)
-        self.where = [dict(w, group=name, rank=i) for i, w in enumerate(self._all("ping", timeout=setup_timeout_s))]
+        self.where = [dict(w, group=name, rank=i, gpus=[[g.node, g.index] for g in a.gpus])
+                      for i, (w, a) in enumerate(zip(self._all("ping", timeout=setup_timeout_s), actors))]
         self.who = _names(name, self.where, self.world)
 
     def _all(self, method: str, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> list:
@@ -116,29 +105,25 @@ class TrainerGroup:
     def shutdown(self) -> None:
         for w in self.workers:
             ray.kill(w, no_restart=True)
-        remove_placement_group(self.pg)
 
 
 class RolloutGroup:
     """``num_engines`` generation engines; requests are split across them."""
 
-    def __init__(self, backend: str, model_path: str, rollout_cfg, model_cfg, *, device: str,
+    def __init__(self, backend: str, model_path: str, rollout_cfg, model_cfg, *, placed: PlacedCluster,
                  threads: int = 0, setup_timeout_s: float = 600.0):
         n = rollout_cfg.num_engines
-        per = rollout_cfg.tensor_parallel
-        bundle = {"GPU": per, "CPU": 1} if device == "cuda" else {"CPU": 0.01}
-        self.pg = placement_group([bundle] * n, strategy="PACK", name="tppo-rollout")
-        _get(self.pg.ready(), "rollout: placement group", timeout=setup_timeout_s)
+        actors = placed.plan.engines
+        assert len(actors) == n, (len(actors), n)
+        # an engine's actor holds a share of its first GPU; its TP workers (vLLM's own processes)
+        # see all of its GPUs through CUDA_VISIBLE_DEVICES
         remote = ray.remote(RolloutWorker)
-        self.workers = [
-            remote.options(
-                num_cpus=0 if device != "cuda" else 1, num_gpus=per if device == "cuda" else 0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-            ).remote(backend, model_path, rollout_cfg, model_cfg, threads)
-            for i in range(n)
-        ]
+        self.workers = [remote.options(**placed.actor_options(a)).remote(
+                            backend, model_path, rollout_cfg, model_cfg, threads, placed.visible_devices(a))
+                        for a in actors]
         where = _get([w.ping.remote() for w in self.workers], "rollout: engine start", timeout=setup_timeout_s)
-        self.where = [dict(w, group="rollout engine", rank=i) for i, w in enumerate(where)]
+        self.where = [dict(w, group="rollout engine", rank=i, gpus=[[g.node, g.index] for g in a.gpus])
+                      for i, (w, a) in enumerate(zip(where, actors))]
         self.who = _names("rollout engine", self.where, n)
 
     def generate(self, prompts: list, max_tokens: list, sampling, n: int = 1) -> list:
@@ -166,4 +151,3 @@ class RolloutGroup:
             except Exception:  # noqa: BLE001 - best effort on the way out
                 pass
             ray.kill(w, no_restart=True)
-        remove_placement_group(self.pg)

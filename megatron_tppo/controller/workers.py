@@ -22,7 +22,8 @@ def _free_port() -> int:
 def _where() -> dict:
     import ray
 
-    return {"pid": os.getpid(), "node": ray.util.get_node_ip_address()}
+    return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
 class TrainerWorker:
@@ -99,7 +100,12 @@ class TrainerWorker:
 class RolloutWorker:
     """One generation engine (vLLM), behind the narrow :class:`RolloutEngine` interface."""
 
-    def __init__(self, backend: str, model_path: str, rollout_cfg, model_cfg, threads: int = 0):
+    def __init__(self, backend: str, model_path: str, rollout_cfg, model_cfg, threads: int = 0,
+                 visible_devices: Optional[str] = None):
+        if visible_devices is not None:
+            # Ray gave this actor a share of its first GPU; the engine's TP workers (vLLM's own
+            # processes, spawned below) must see all of the engine's GPUs (megatron_tppo.placement)
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
         if threads > 0:
             torch.set_num_threads(threads)
         from megatron_tppo.rollout import engine_class

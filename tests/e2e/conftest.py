@@ -27,11 +27,16 @@ SMALL = ["rollout.num_slots=8", "rollout.samples_per_prompt=4", "rollout.window_
 RESUME_COMMON = ["data.eval_every=0", "steps=4"]
 
 
+# logical GPUs: every e2e run places its actors as on a GPU node (one bundle per GPU, colocation)
+RAY_GPUS = 8
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}})
+    ray.init(num_cpus=8, num_gpus=RAY_GPUS, include_dashboard=False,
+             runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}})
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

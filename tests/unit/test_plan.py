@@ -95,8 +95,8 @@ def test_small_layout_fits_and_splits_time():
     (["parallel.critic.pipeline_parallel=3"], 1, 8, "does not divide model.num_layers=16"),
     (["parallel.policy.tensor_parallel=4"], 1, 2, "spans nodes"),
     (["parallel.policy.data_parallel=8", "rollout.colocate=false"], 1, 8, "needs 10 GPUs"),
-    (["parallel.policy.data_parallel=3"], 2, 2, "is not a multiple of 2 GPUs per node"),
-    (["rollout.num_engines=4", "rollout.colocate=true"], 1, 8, "colocated vLLM needs 4 GPUs"),
+    (["parallel.critic.tensor_parallel=2"], 2, 2, "TP groups would straddle nodes"),
+    (["rollout.num_engines=4", "rollout.colocate=true"], 1, 8, "4 engines x rollout.tensor_parallel=1 = 4 GPUs, but the trainers hold only 2"),
 ])
 def test_refuses_layouts_that_do_not_divide(over, nodes, gpn, reason):
     c = load_config(None, ONE_B + over, validate=False)
