@@ -4,7 +4,8 @@
 per-token ``logprobs`` (+ ``entropy``) or ``values`` for the micro-batch's rows; the micro-batch
 carries the fields built by :mod:`megatron_tppo.algorithms.tppo_batch`. Every loss and metric is a
 sum over this micro-batch's loss tokens divided by the global count, so they add up across
-micro-batches and ranks (the engine sums them). Bind the settings with ``functools.partial``;
+micro-batches and ranks (the engine sums them), except metrics named ``*_max``: this
+micro-batch's maximum, which the engine max-reduces. Bind the settings with ``functools.partial``;
 the result pickles, so it can be shipped to trainer processes.
 """
 from __future__ import annotations
@@ -30,8 +31,11 @@ def policy_objective(outputs: dict, mb: dict, num_tokens: float, *, clip_low: fl
                         clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip)
     metrics = {k: v for k, v in m.items() if k not in ("ratio_max", "ratio_min")}  # not additive
     metrics["pg_loss"] = pg.detach()
-    # logp here is from the weights that generated nothing yet this step: train vs rollout mismatch
-    metrics["logprob_abs_diff"] = token_mean((logp - mb["old_logprobs"]).abs().detach(), mask, num_tokens)
+    # train vs rollout mismatch: in a step's first update, logp comes from the weights that
+    # generated the window (mean over loss tokens, and the largest one; 0 when there are none)
+    diff = (logp - mb["old_logprobs"]).abs().detach()
+    metrics["logprob_abs_diff"] = token_mean(diff, mask, num_tokens)
+    metrics["logprob_abs_diff_max"] = torch.where(mask > 0, diff, 0.0).max() if diff.numel() else diff.new_zeros(())
     loss = pg
     if positive_lm_coef > 0:
         lm, _ = positive_lm_loss(logp, mask, mb["positive"], num_tokens)

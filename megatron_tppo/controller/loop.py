@@ -193,18 +193,13 @@ class TPPOLoop:
         return out
 
     def start_policy_update(self, segments: list[SegmentInput]) -> tuple:
-        """Build the policy batch, measure train-vs-rollout mismatch, start the optimizer step(s)."""
+        """Build the policy batch and start the first optimizer step (epoch) on it."""
         a, r = self.cfg.algorithm, self.cfg.rollout
         b = policy_batch(segments, gamma=a.gamma, lambda_alpha=a.policy_lambda_alpha, lambda_min=a.policy_lambda_min,
                          window_tokens=r.window_tokens, tail_ignore=a.truncated_tail_ignore,
                          advantage_clamp=a.advantage_clamp)
         n = float(b.pop("num_tokens"))
         m = {}
-        # train-vs-rollout mismatch on the same tokens, with the weights that generated them
-        lp = self.policy.forward(b)["logprobs"]
-        diff = (lp - b["old_logprobs"]).abs() * b["loss_mask"]
-        m["rollout/logprob_mismatch_max"] = float(diff.max())
-        m["rollout/logprob_mismatch_mean"] = float(diff.sum() / max(n, 1.0))
         adv = b["advantages"][b["loss_mask"].bool()]
         m.update({"policy/advantage_mean": float(adv.mean()),
                   "policy/advantage_std": float(adv.std()) if adv.numel() > 1 else 0.0,
@@ -215,12 +210,23 @@ class TPPOLoop:
         return refs, b, n, m, t0
 
     def finish_policy_update(self, refs, b: dict, n: float, m: dict, t0: float) -> dict:
+        """Finish the first epoch, run the others; ``policy/*`` are the last epoch's metrics.
+
+        ``rollout/logprob_mismatch_max`` / ``_mean``: the largest and the mean |train log-prob -
+        rollout log-prob| over the batch's loss tokens. They come from the FIRST epoch's forward
+        (no extra forward), which runs before any update of this step, i.e. with the weights that
+        generated the window's tokens (the last sync); so they measure the trainer-vs-engine
+        numerical mismatch whatever ``policy_epochs`` is. Later epochs' differences
+        (``policy/logprob_abs_diff*``) also include the updates made since.
+        """
         a = self.cfg.algorithm
-        out = self.policy.wait_train(refs)
+        out = first = self.policy.wait_train(refs)
         for _ in range(a.policy_epochs - 1):
             out = self.policy.train_step(b, self.policy_loss, n, with_entropy=True)
         dt = time.perf_counter() - t0
         self.version += 1
+        m["rollout/logprob_mismatch_max"] = first["logprob_abs_diff_max"]
+        m["rollout/logprob_mismatch_mean"] = first["logprob_abs_diff"]
         m["perf/policy_train_tokens_per_s"] = float(b["attention_mask"].sum()) * a.policy_epochs / max(dt, 1e-9)
         m.update({f"policy/{k}": v for k, v in out.items()})
         return m

@@ -26,6 +26,8 @@ each [b, t] aligned with ``micro_batch``'s fields (same rows, cut to the micro-b
 caller's count of loss tokens over all DP ranks), so the total is independent of micro-batch
 size, DP and PP. ``metrics`` are scalar tensors with the same additive semantics (the engine sums
 them over micro-batches and DP ranks); divide by the global count inside loss_fn to get means.
+Keys ending in ``_max`` / ``_min`` are extrema instead, max/min-reduced over micro-batches and DP
+ranks (:mod:`megatron_tppo.training.metrics`).
 Megatron divides each micro-batch loss by the number of micro-batches and DDP averages gradients
 over DP; the engine multiplies by both so that the gradient is d(sum of loss_fn losses).
 
@@ -45,6 +47,7 @@ import torch.distributed as dist
 
 from megatron_tppo.config import LayoutConfig, ModelConfig, OptimizerConfig
 from megatron_tppo.training.batching import plan_micro_batches, row_lengths, select_rows
+from megatron_tppo.training.metrics import pack_metrics, unpack_metrics
 from megatron_tppo.training.vocab_parallel import vocab_parallel_logprobs
 
 LossFn = Callable[[dict, dict, float], tuple[torch.Tensor, dict]]
@@ -257,21 +260,26 @@ class TrainEngine:
         return metrics
 
     def _reduce_metrics(self, store: list[dict]) -> dict[str, float]:
-        """Sum micro-batch metrics, then over DP, then share from the last pipeline stage."""
+        """Reduce micro-batch metrics, then over DP, then share from the last pipeline stage.
+
+        Sums, except keys ending in ``_max`` / ``_min`` (:mod:`megatron_tppo.training.metrics`).
+        """
         keys = sorted(store[0]) if self.is_last_stage and store else []
         obj = [keys]
-        if dist.get_world_size(self.pp_group) > 1:
+        pp = dist.get_world_size(self.pp_group) > 1
+        if pp:
             dist.broadcast_object_list(obj, src=self.last_stage_rank, group=self.pp_group)
         keys = obj[0]
-        vec = torch.zeros(len(keys), dtype=torch.float64, device=self._dev)
-        if self.is_last_stage and keys:
-            for d in store:
-                vec += torch.stack([d[k].to(vec) for k in keys])
+        vsum, vext = pack_metrics(store if self.is_last_stage else [], keys, self._dev)
         if self.dp_size > 1:
-            dist.all_reduce(vec, group=self.dp_group)
-        if dist.get_world_size(self.pp_group) > 1:
-            dist.broadcast(vec, src=self.last_stage_rank, group=self.pp_group)
-        return {k: float(v) for k, v in zip(keys, vec.tolist())}
+            dist.all_reduce(vsum, group=self.dp_group)
+            if vext.numel():
+                dist.all_reduce(vext, op=dist.ReduceOp.MAX, group=self.dp_group)
+        if pp:
+            dist.broadcast(vsum, src=self.last_stage_rank, group=self.pp_group)
+            if vext.numel():
+                dist.broadcast(vext, src=self.last_stage_rank, group=self.pp_group)
+        return unpack_metrics(keys, vsum, vext)
 
     def weights_changed(self) -> None:
         """Call after writing into ``self.module``'s parameters in place (e.g. loading HF weights):
