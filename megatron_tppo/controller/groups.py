@@ -13,6 +13,7 @@ import ray
 from megatron_tppo.controller.errors import ActorDiedError
 from megatron_tppo.controller.ray_placement import PlacedCluster
 from megatron_tppo.controller.workers import RolloutWorker, TrainerWorker
+from megatron_tppo.training.batching import merge_row_parts
 
 
 def _get(refs: Any, what: str, timeout: Optional[float] = None, who: Optional[list[str]] = None) -> Any:
@@ -74,12 +75,13 @@ class TrainerGroup:
         return self.wait(self.forward_async(batch, with_entropy))
 
     def forward_async(self, batch: dict, with_entropy: bool = False) -> list:
-        """Start a forward on every rank; :meth:`wait` returns rank 0's outputs."""
+        """Start a forward on every rank; each DP replica computes its share of the rows."""
         batch_ref = ray.put(batch)
         return [w.forward.remote(batch_ref, with_entropy) for w in self.workers]
 
     def wait(self, refs: list) -> dict:
-        return _get(refs, f"{self.name}.forward", who=self.who)[0]
+        """The outputs of all rows ({key: [B, T]}), reassembled from the replicas' parts."""
+        return merge_row_parts(_get(refs, f"{self.name}.forward", who=self.who))
 
     def train_step(self, batch: dict, loss_fn, global_num_tokens: float, with_entropy: bool = False) -> dict:
         return self.wait_train(self.train_step_async(batch, loss_fn, global_num_tokens, with_entropy))
@@ -101,6 +103,14 @@ class TrainerGroup:
 
     def load(self, path: str, with_optimizer: bool = True) -> None:
         self._all("load", path, with_optimizer)
+
+    def offload(self, params: bool = True, grads: bool = True, optimizer: bool = True) -> dict:
+        """Free the trainer's device memory on every rank (bytes kept on host); rank 0's stats."""
+        return self._all("offload", params, grads, optimizer)[0]
+
+    def onload(self) -> dict:
+        """Restore everything :meth:`offload` freed, on every rank; rank 0's stats."""
+        return self._all("onload")[0]
 
     def shutdown(self) -> None:
         for w in self.workers:

@@ -65,9 +65,27 @@ class TrainerWorker:
         return n
 
     def forward(self, batch: dict, with_entropy: bool = False) -> Optional[dict]:
-        """Per-token outputs for the whole batch; returned by global rank 0 only (others None)."""
-        out = self.engine.forward(batch, with_entropy=with_entropy)
-        return {k: v.cpu() for k, v in out.items()} if self.rank == 0 else None
+        """Per-token outputs for this DP replica's share of the rows (about 1/DP of them, see
+        ``data_parallel_rows(equal_rows=True)``): ``{"rows": [b] long, "outputs": {key: [b, T]}}``
+        from the replica's first rank (tp=0, pp=0), None from the others. The driver puts the
+        parts back in order with ``merge_row_parts``.
+        """
+        from megatron_tppo.training import data_parallel_rows, row_lengths, select_rows
+
+        rows = data_parallel_rows(row_lengths(batch), self.info.dp, equal_rows=True)[self.info.dp_rank]
+        out = {}
+        if len(rows):  # a replica without rows has nothing to compute (forwards use no DP collective)
+            out = self.engine.forward(select_rows(batch, rows), with_entropy=with_entropy)
+        lead = self.info.tp_rank == 0 and self.info.pp_rank == 0
+        return {"rows": rows, "outputs": {k: v.cpu() for k, v in out.items()}} if lead else None
+
+    def offload(self, params: bool = True, grads: bool = True, optimizer: bool = True) -> dict:
+        """Free this rank's device memory (see ``TrainEngine.offload``); returns what moved."""
+        return self.engine.offload(params=params, grads=grads, optimizer=optimizer)
+
+    def onload(self) -> dict:
+        """Restore what :meth:`offload` freed, bit-identical."""
+        return self.engine.onload()
 
     def train_step(self, batch: dict, loss_fn, global_num_tokens: float, with_entropy: bool = False) -> dict:
         from megatron_tppo.training import split_for_data_parallel

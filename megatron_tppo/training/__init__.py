@@ -5,11 +5,14 @@ parallel state is initialized (never vLLM or Ray).
 
 - :func:`init_parallel` / :func:`destroy_parallel` — process groups for one layout.
 - :class:`TrainEngine` — policy or critic; see its module docstring for the batch and loss contract.
-- :func:`split_for_data_parallel`, :func:`plan_micro_batches` — batch layout helpers.
+- :func:`split_for_data_parallel`, :func:`data_parallel_rows`, :func:`merge_row_parts`,
+  :func:`plan_micro_batches` — batch layout helpers.
 - :func:`vocab_parallel_logprobs` — log-probs/entropy from TP-sharded logits.
 """
 from megatron_tppo.training.batching import (
     MicroBatchPlan,
+    data_parallel_rows,
+    merge_row_parts,
     padding_fraction,
     plan_micro_batches,
     row_lengths,
@@ -27,9 +30,11 @@ __all__ = [
     "ParallelInfo",
     "TrainEngine",
     "copy_backbone_into",
+    "data_parallel_rows",
     "destroy_parallel",
     "init_parallel",
     "load_backbone",
+    "merge_row_parts",
     "padding_fraction",
     "parallel_info",
     "plan_micro_batches",

@@ -82,17 +82,49 @@ def padding_fraction(lengths: torch.Tensor, plan: MicroBatchPlan) -> float:
     return 1.0 - float(lengths.sum()) / padded if padded else 0.0
 
 
+def data_parallel_rows(lengths: torch.Tensor, dp_size: int, equal_rows: bool = False) -> list[torch.Tensor]:
+    """Row indices (ascending) of each of ``dp_size`` ranks, balancing real tokens: rows are dealt
+    longest first, each to the least-loaded rank. ``equal_rows`` also caps every rank at
+    ceil(B / dp_size) rows (exactly half each at DP=2), for forwards whose cost is per row as much
+    as per token. A rank may get no rows when B < dp_size.
+
+    lengths: [B] real tokens per row (:func:`row_lengths`).
+    """
+    cap = -(-lengths.shape[0] // dp_size) if equal_rows else lengths.shape[0]
+    load = [0] * dp_size
+    owned: list[list[int]] = [[] for _ in range(dp_size)]
+    for i in torch.argsort(lengths, descending=True, stable=True).tolist():
+        r = min((k for k in range(dp_size) if len(owned[k]) < cap), key=lambda k: (load[k], len(owned[k]), k))
+        owned[r].append(i)
+        load[r] += int(lengths[i])
+    return [torch.tensor(sorted(o), dtype=torch.long) for o in owned]
+
+
 def split_for_data_parallel(batch: dict[str, torch.Tensor], dp_size: int, dp_rank: int) -> dict:
-    """This DP rank's rows, balancing real tokens across ranks (longest rows dealt first, each to
-    the least-loaded rank). Every rank of one model replica (its TP/PP ranks) must get the same rows.
+    """This DP rank's rows, balancing real tokens across ranks (:func:`data_parallel_rows`).
+    Every rank of one model replica (its TP/PP ranks) must get the same rows.
     """
     lengths = row_lengths(batch)
     if lengths.shape[0] < dp_size:
         raise ValueError(f"a batch of {lengths.shape[0]} rows cannot feed {dp_size} data-parallel ranks")
-    load = [0] * dp_size
-    owned: list[list[int]] = [[] for _ in range(dp_size)]
-    for i in torch.argsort(lengths, descending=True, stable=True).tolist():
-        r = min(range(dp_size), key=lambda k: (load[k], len(owned[k]), k))
-        owned[r].append(i)
-        load[r] += int(lengths[i])
-    return select_rows(batch, torch.tensor(sorted(owned[dp_rank]), dtype=torch.long))
+    return select_rows(batch, data_parallel_rows(lengths, dp_size)[dp_rank])
+
+
+def merge_row_parts(parts: list) -> dict[str, torch.Tensor]:
+    """Reassemble per-replica outputs into the original row order.
+
+    parts: one entry per replica (``None`` entries are skipped), each ``{"rows": [b] long,
+    "outputs": {key: [b, T, ...]}}``, the rows of all parts together covering 0..B-1 once.
+    Returns ``{key: [B, T, ...]}`` (empty when no part has rows).
+    """
+    parts = [p for p in parts if p is not None and len(p["rows"])]
+    if not parts:
+        return {}
+    total = sum(len(p["rows"]) for p in parts)
+    out = {}
+    for key, first in parts[0]["outputs"].items():
+        merged = first.new_zeros((total, *first.shape[1:]))
+        for p in parts:
+            merged[p["rows"]] = p["outputs"][key]
+        out[key] = merged
+    return out

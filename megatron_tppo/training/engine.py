@@ -35,6 +35,10 @@ Optimizer: megatron's DistributedOptimizer (Adam) at every DP size (at DP=1 it o
 state), gradient clipping by global norm, OptimizerParamScheduler for warm-up and decay.
 Micro-batches: length-sorted, bounded by ``LayoutConfig.micro_batch_tokens`` padded tokens
 (:mod:`megatron_tppo.training.batching`); 1F1B schedule when PP > 1.
+
+Colocation: :meth:`TrainEngine.offload` frees the device memory of parameters, gradients and
+optimizer state (kept on host) and :meth:`TrainEngine.onload` restores it bit-identically
+(:mod:`megatron_tppo.training.offload`); the engine refuses to compute in between.
 """
 from __future__ import annotations
 
@@ -48,6 +52,7 @@ import torch.distributed as dist
 from megatron_tppo.config import LayoutConfig, ModelConfig, OptimizerConfig
 from megatron_tppo.training.batching import plan_micro_batches, row_lengths, select_rows
 from megatron_tppo.training.metrics import pack_metrics, unpack_metrics
+from megatron_tppo.training.offload import KINDS, StorageOffloader, engine_tensors, release_scratch_buffers
 from megatron_tppo.training.vocab_parallel import vocab_parallel_logprobs
 
 LossFn = Callable[[dict, dict, float], tuple[torch.Tensor, dict]]
@@ -96,6 +101,7 @@ class TrainEngine:
             wrapped = Float16Module(self.config, model)
         self.optimizer = self.scheduler = None
         self.steps = 0
+        self._offloader = StorageOffloader(device)
         if with_optimizer:
             self._setup_optimizer(wrapped, total_steps)
         else:
@@ -212,6 +218,7 @@ class TrainEngine:
         Policy: {"logprobs": [B, T]} (+ "entropy": [B, T]); critic: {"values": [B, T]}; fp32,
         aligned to tokens (index t = token t; index 0 and positions past a row's length are 0).
         """
+        self._require_onloaded("forward")
         rows, mbs, store = self._run(batch, None, 1.0, with_entropy, forward_only=True)
         b, t = batch["tokens"].shape
         keys = ["values"] if self.role == "critic" else ["logprobs"] + (["entropy"] if with_entropy else [])
@@ -238,6 +245,7 @@ class TrainEngine:
         """
         if self.optimizer is None:
             raise RuntimeError("engine was built with with_optimizer=False")
+        self._require_onloaded("train_step")
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -281,9 +289,41 @@ class TrainEngine:
                 dist.broadcast(vext, src=self.last_stage_rank, group=self.pp_group)
         return unpack_metrics(keys, vsum, vext)
 
+    # ------------------------------------------------------------------ colocation
+
+    def offload(self, params: bool = True, grads: bool = True, optimizer: bool = True) -> dict:
+        """Free this rank's device memory of the chosen kinds, keeping the bytes on host (pinned on
+        CUDA). Local, no collective. Idempotent; call :meth:`onload` before computing again.
+
+        Returns {"bytes", "storages", "seconds", "params_bytes", "grads_bytes", "optimizer_bytes"}
+        of what moved now, and "scratch_bytes": megatron's scratch buffers, dropped (not copied).
+        For an fp32 model the optimizer's master shards are the parameter buffer itself and move
+        with ``params``.
+        """
+        chosen = [k for k, on in zip(KINDS, (params, grads, optimizer)) if on]
+        stats = self._offloader.offload(engine_tensors(self), chosen)
+        stats["scratch_bytes"] = release_scratch_buffers() if chosen else 0  # stateless: dropped, not copied
+        if self.device == "cuda":
+            torch.cuda.empty_cache()  # give the freed blocks back to the driver, for vLLM
+        return stats
+
+    def onload(self) -> dict:
+        """Bring back everything :meth:`offload` moved, bit-identical. Returns bytes/storages/seconds."""
+        return self._offloader.onload()
+
+    @property
+    def offloaded(self) -> set[str]:
+        """The kinds ("params", "grads", "optimizer") that are off the device now."""
+        return self._offloader.offloaded_kinds
+
+    def _require_onloaded(self, what: str) -> None:
+        if self.offloaded:
+            raise RuntimeError(f"{what}: {sorted(self.offloaded)} offloaded; call onload() first")
+
     def weights_changed(self) -> None:
         """Call after writing into ``self.module``'s parameters in place (e.g. loading HF weights):
         the optimizer's main parameters (separate fp32 copies for bf16/fp16 models) follow."""
+        self._require_onloaded("weights_changed")
         if self.optimizer is not None:
             self.optimizer.reload_model_params()
 
@@ -293,10 +333,12 @@ class TrainEngine:
         """Save model (+ optimizer and LR schedule) as a torch_dist checkpoint (collective)."""
         from megatron_tppo.training.checkpoint import save_checkpoint
 
+        self._require_onloaded("save")
         save_checkpoint(self, ckpt_dir, with_optimizer)
 
     def load(self, ckpt_dir: str, with_optimizer: bool = True) -> None:
         """Load a torch_dist checkpoint saved at any TP/PP/DP layout (collective)."""
         from megatron_tppo.training.checkpoint import load_checkpoint
 
+        self._require_onloaded("load")
         load_checkpoint(self, ckpt_dir, with_optimizer)
