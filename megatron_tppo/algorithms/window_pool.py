@@ -18,12 +18,27 @@ Windows and segments
 
 No common window start (section 7)
     Each sample carries its own ``segment_start``, so nothing assumes that all slots began their
-    window together. A driver may refill a slot the moment it finishes (continuous mode), stream
-    tokens in with several :meth:`WindowPool.append` calls, and end a step on a token budget.
-    In that mode a partly filled window is still closed at the step boundary (the policy lag of a
-    token stays below one step), so a response may then live through more than
-    ``ceil(max_response_tokens / window_tokens)`` windows; in window mode, where every step lets
-    each slot fill its window, that bound holds.
+    window together. A driver may refill a slot the moment it finishes, stream tokens in with
+    several :meth:`WindowPool.append` calls, and end a step on a token budget.
+
+Window steps and budget steps
+    A step is a *window step* unless :meth:`WindowPool.begin_budget_step` made it a *budget
+    step* (``rollout.refill=continuous``):
+
+    * window step (the paper): a segment holds at most ``window_tokens`` tokens; the step ends
+      when the driver says so (normally once every slot filled its window or finished).
+    * budget step: a segment is bounded only by the response's room before
+      ``max_response_tokens``; all slots together may append at most
+      ``num_slots * window_tokens`` tokens (the step's budget, enforced by ``append``). A slot
+      whose response ends takes the next sample at once (:meth:`WindowPool.upcoming` says which
+      samples come next, :meth:`WindowPool.start` puts one into the freed slot), so one slot
+      may hold, in one step, the last segment of one response and the first segments of the
+      next ones. Whatever is in flight when the budget is spent is truncated at ``end_step``.
+
+    Either way a closed segment's tokens all came from the weights of one step (the policy lag
+    stays below one step). In budget steps a response may live through more than
+    ``ceil(max_response_tokens / window_tokens)`` windows, and a segment may be longer than
+    ``window_tokens`` when slots progress unevenly; in window steps both bounds hold.
 
 Lifetime of a sample
     pending -> slot (in flight) -> finished. Finished samples stay in the pool until their whole
@@ -40,6 +55,9 @@ Choices
     * The prompt stream is not part of :meth:`WindowPool.state_dict` (an iterator cannot be
       serialized); the state records ``prompts_taken`` and the caller builds the pool for
       :meth:`WindowPool.load_state_dict` with the stream resumed at that position.
+    * :meth:`WindowPool.upcoming` may take prompts from the stream before a slot needs them
+      (a continuous driver hands a few upcoming samples to each engine ahead of time); they
+      wait in the pending queue, saved with it, until a slot starts them.
 """
 from __future__ import annotations
 
@@ -47,11 +65,11 @@ import copy
 import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Collection, Iterable, Optional, Sequence
 
 _COUNTERS = ("step", "prompts_taken", "samples_started", "samples_finished", "groups_completed",
              "tokens_generated", "next_sample_uid")
-_STATE_FORMAT = 1
+_STATE_FORMAT = 2  # 2 added the budget-step fields; format 1 states load as window steps
 
 
 def _as_list(x: Any, kind: type) -> list:
@@ -181,6 +199,10 @@ class WindowPool:
         # completed, response tokens appended, and the uid the next sample will get.
         self.step = self.prompts_taken = self.samples_started = self.samples_finished = 0
         self.groups_completed = self.tokens_generated = self.next_sample_uid = 0
+        self.step_budget: Optional[int] = None
+        """Token budget of the current budget step; None in a window step."""
+        self.step_tokens = 0
+        """Tokens appended since the last ``end_step`` (all slots)."""
 
     # ---------------------------------------------------------------- filling slots
     def _take_prompt(self) -> bool:
@@ -208,7 +230,8 @@ class WindowPool:
     def refill(self) -> list[int]:
         """Put a pending sample into every free slot; returns the slot ids filled, ascending.
 
-        Called at window boundaries (paper) or right after a slot finishes (continuous mode).
+        Called at window boundaries (paper) and at the start of a budget step, whose later
+        refills are :meth:`start` calls.
         """
         filled = []
         for slot in range(self.num_slots):
@@ -221,6 +244,59 @@ class WindowPool:
             filled.append(slot)
         return filled
 
+    def upcoming(self, k: int, skip: Collection[int] = ()) -> list[Sample]:
+        """The first ``k`` pending samples (FIFO order) whose uids are not in ``skip``.
+
+        What free slots take next. Prompts are taken from the stream as needed (their groups
+        join the pending queue, exactly as :meth:`refill` would take them), so fewer than ``k``
+        come back only once the stream is exhausted. Nothing is started: the samples stay
+        pending until :meth:`start` (or :meth:`refill`) puts them into a slot. ``skip``: uids
+        already handed out (e.g. to another engine) and not yet started.
+        """
+        if k <= 0:
+            return []
+        out = [s for s in self._pending if s.uid not in skip][:k]
+        while len(out) < k and self._take_prompt():
+            out += [s for s in list(self._pending)[-self.samples_per_prompt:] if s.uid not in skip]
+        return out[:k]
+
+    def start(self, slot: int, sample_uid: int) -> Sample:
+        """Put the pending sample ``sample_uid`` into the free ``slot``; returns it.
+
+        Continuous refill: the engine took this sample (one :meth:`upcoming` returned) the
+        moment the slot's previous response ended. :meth:`refill` is ``start`` of the queue's
+        head in every free slot.
+        """
+        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot!r} does not exist (num_slots={self.num_slots})")
+        if self._slots[slot] is not None:
+            raise ValueError(f"slot {slot} is busy with sample {self._slots[slot].uid}")
+        for i, s in enumerate(self._pending):
+            if s.uid == sample_uid:
+                del self._pending[i]
+                self._slots[slot] = s
+                self.samples_started += 1
+                return s
+        raise ValueError(f"sample {sample_uid} is not pending (never taken, already started or finished)")
+
+    def begin_budget_step(self) -> int:
+        """Make the current step a budget step (continuous refill); returns its token budget.
+
+        Until the next :meth:`end_step`: a segment is bounded only by the response's room before
+        ``max_response_tokens`` (not by ``window_tokens``), and :meth:`append` refuses tokens
+        beyond ``num_slots * window_tokens`` for the step, all slots together. Must come before
+        the step's first token.
+        """
+        if self.step_tokens:
+            raise ValueError(f"begin_budget_step after {self.step_tokens} tokens were appended in this step")
+        self.step_budget = self.num_slots * self.window_tokens
+        return self.step_budget
+
+    @property
+    def budget_left(self) -> Optional[int]:
+        """Tokens the current budget step may still append (None in a window step)."""
+        return None if self.step_budget is None else self.step_budget - self.step_tokens
+
     # ---------------------------------------------------------------- generation
     def _sample_at(self, slot: int) -> Sample:
         if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.num_slots:
@@ -231,9 +307,15 @@ class WindowPool:
         return s
 
     def max_new_tokens(self, slot: int) -> int:
-        """Tokens the slot may still generate in its current window (0: window full)."""
+        """Tokens the slot may still generate in its current window (0: window full).
+
+        In a budget step: the response's room before ``max_response_tokens`` (the step's budget
+        is shared by all slots; see :attr:`budget_left`).
+        """
         s = self._sample_at(slot)
         n = len(s.response_ids)
+        if self.step_budget is not None:
+            return self.max_response_tokens - n
         return min(self.window_tokens - (n - s.segment_start), self.max_response_tokens - n)
 
     def requests(self, slots: Optional[Sequence[int]] = None) -> list[WindowRequest]:
@@ -268,6 +350,9 @@ class WindowPool:
                 f"slot {slot}: {len(ids)} new tokens exceed the {limit} allowed (window_tokens="
                 f"{self.window_tokens}, {len(s.response_ids) - s.segment_start} used in this window, "
                 f"response {len(s.response_ids)}/{self.max_response_tokens} tokens)")
+        if self.step_budget is not None and len(ids) > self.step_budget - self.step_tokens:
+            raise ValueError(f"slot {slot}: {len(ids)} new tokens exceed the step's token budget "
+                             f"({self.step_tokens} of {self.step_budget} used)")
         if eos and not ids:
             raise ValueError(f"slot {slot}: eos=True needs at least the EOS token")
         s.response_ids += ids
@@ -275,6 +360,7 @@ class WindowPool:
         s.versions += [int(policy_version)] * len(ids)
         s.values += [None] * len(ids)
         self.tokens_generated += len(ids)
+        self.step_tokens += len(ids)
         if eos or len(s.response_ids) >= self.max_response_tokens:
             self._finish(slot, s, "eos" if eos else "length_cap")  # EOS at the cap counts as EOS
             return s
@@ -309,6 +395,7 @@ class WindowPool:
         batch = StepBatch(self.step, segments, self._finished_step, dict(self._retired))
         self._finished_step = []
         self.step += 1
+        self.step_budget, self.step_tokens = None, 0
         return batch
 
     # ---------------------------------------------------------------- critic and rewards
@@ -382,6 +469,8 @@ class WindowPool:
             "config": self._config(),
             "counters": {name: getattr(self, name) for name in _COUNTERS},
             "exhausted": self._exhausted,
+            "step_budget": self.step_budget,
+            "step_tokens": self.step_tokens,
             "samples": [dataclasses.asdict(s) for s in self._by_uid.values()],  # asdict deep-copies
             "slots": [None if s is None else s.uid for s in self._slots],
             "pending": uids(self._pending),
@@ -394,7 +483,7 @@ class WindowPool:
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` exactly. The stream given to ``__init__`` must already be
         positioned after ``state["counters"]["prompts_taken"]`` prompts."""
-        if state.get("format") != _STATE_FORMAT:
+        if state.get("format") not in (1, _STATE_FORMAT):
             raise ValueError(f"window pool state format {state.get('format')!r}, expected {_STATE_FORMAT}")
         if state["config"] != self._config():
             raise ValueError(f"window pool state was saved with {state['config']}, "
@@ -410,3 +499,4 @@ class WindowPool:
         self._exhausted = bool(state["exhausted"])
         for name in _COUNTERS:
             setattr(self, name, int(state["counters"][name]))
+        self.step_budget, self.step_tokens = state.get("step_budget"), int(state.get("step_tokens", 0))

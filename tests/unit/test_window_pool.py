@@ -4,9 +4,11 @@ A small simulated generator drives the pool: every sample has a deterministic "n
 (where it emits EOS, or beyond max_response_tokens: never), and deterministic tokens, log-probs
 and critic values, so two pools fed the same calls must behave identically.
 Drive modes: "window" (paper: refill at step start, each slot fills its window in one call),
-"continuous" (refill right after a slot finishes, tokens streamed in small chunks, the step ends
-when every slot's window is full) and "budget" (continuous, but the step ends after
-num_slots * window_tokens tokens, leaving windows partly filled).
+"continuous" (window steps, but refill right after a slot finishes and tokens streamed in small
+chunks; the step ends when every slot's window is full) and "budget" (rollout.refill=continuous:
+budget steps driven by the real controller/continuous.py over 1-3 simulated stream engines, whose
+replies are taken in a seeded random order and whose requests skip iterations at random, so slots
+progress unevenly; the step ends after num_slots * window_tokens tokens).
 """
 from __future__ import annotations
 
@@ -25,6 +27,9 @@ from hypothesis import strategies as st
 
 from megatron_tppo.algorithms import window_pool
 from megatron_tppo.algorithms.window_pool import Prompt, StepBatch, WindowPool
+from megatron_tppo.controller.continuous import ContinuousStep
+from megatron_tppo.rollout.base import Sampling
+from tests.unit.sim_stream import SimStreamEngine
 
 MODES = ("window", "continuous", "budget")
 
@@ -73,26 +78,59 @@ def check_refill(pool: WindowPool) -> None:
     assert pool.num_active == pool.num_slots or (pool.exhausted and pool.num_pending == 0)
 
 
+def drive_budget_step(pool: WindowPool, gen: SimGenerator, version: int, rng: random.Random,
+                      swap_at: int = -1, reload=None) -> WindowPool:
+    """A budget step through ContinuousStep over simulated engines (replies in random order).
+
+    ``swap_at``: after that many engine replies, continue on ``reload(pool.state_dict())``, a new
+    pool restored from the (pickled) state: a mid-step checkpoint. Returns the pool the step
+    ended on.
+    """
+    engines = [SimStreamEngine(gen, lambda uid: len(pool.sample(uid).prompt_ids), seed=rng.randrange(1 << 30),
+                               hiccup=rng.choice([0.0, 0.3]), version=version)
+               for _ in range(rng.randint(1, 3))]
+    feed = ContinuousStep(pool, len(engines), Sampling(seed=version), reserve=rng.choice([None, 1, 2]))
+    assert pool.num_active == pool.num_slots or (pool.exhausted and pool.num_pending == 0)
+    calls = {e: c for e, c in enumerate(feed.first_calls()) if c is not None}
+    replies = 0
+    while calls:
+        e = rng.choice(sorted(calls))
+        nxt = feed.on_update(e, engines[e].stream(*calls[e].args()))
+        # results come when a request ends, so the pool lags the engines' counts until then
+        assert 0 <= pool.budget_left and pool.step_tokens <= sum(feed.tokens)
+        calls.pop(e) if nxt is None else calls.update({e: nxt})
+        replies += 1
+        if replies == swap_at:
+            state = pool.state_dict()
+            pool = feed.pool = reload(pickle.loads(pickle.dumps(state)))
+            assert pool.state_dict() == state
+    # The budget: never exceeded; spent whole unless the prompt stream ran dry.
+    assert pool.step_tokens <= pool.step_budget == pool.num_slots * pool.window_tokens
+    assert pool.step_tokens == pool.step_budget or pool.exhausted
+    assert feed.stats()["tokens"] == pool.step_tokens
+    return pool
+
+
 def drive_step(pool: WindowPool, gen: SimGenerator, mode: str) -> StepBatch:
     """One T-PPO step: refill, generate, end the step, then score and run the 'critic'."""
     version, rng = pool.step, random.Random(gen.seed * 7 + pool.step)
+    if mode == "budget":
+        return finish_step(drive_budget_step(pool, gen, version, rng), gen)
     check_refill(pool)
     if mode == "window":
         for r in pool.requests():
             assert r.token_ids == pool.in_flight()[r.slot].prompt_ids + pool.in_flight()[r.slot].response_ids
             gen.generate(pool, r.slot, r.max_new_tokens, version)
     else:
-        budget = pool.num_slots * pool.window_tokens if mode == "budget" else math.inf
-        used = 0
-        while used < budget and (reqs := pool.requests()):
+        while reqs := pool.requests():
             for r in reqs:
-                n = min(r.max_new_tokens, rng.randint(1, 3), budget - used)
-                if n <= 0:
-                    break
-                finished, got = gen.generate(pool, r.slot, n, version)
-                used += got
+                finished, _ = gen.generate(pool, r.slot, min(r.max_new_tokens, rng.randint(1, 3)), version)
                 if finished is not None:
-                    check_refill(pool)  # continuous refill, mid-step
+                    check_refill(pool)  # refill mid-step, in a window step
+    return finish_step(pool, gen)
+
+
+def finish_step(pool: WindowPool, gen: SimGenerator) -> StepBatch:
     batch = pool.end_step()
     for seg in batch.segments:
         pool.set_values(seg.sample_uid, seg.start,
@@ -208,6 +246,60 @@ def test_state_dict_round_trip_continues_identically(cfg, mode, split):
         assert steps < 1000
     assert b.is_drained() and b.state_dict() == a.state_dict()
     assert pickle.loads(frozen) == state  # state_dict was a copy, untouched by later steps
+
+
+@SETTINGS
+@given(cfg=configs, steps=st.integers(0, 6), swap_at=st.integers(1, 12))
+def test_budget_step_mid_step_round_trip_continues_identically(cfg, steps, swap_at):
+    """A checkpoint taken inside a budget step (engines mid-stream, samples handed out but not
+    started, slots holding a second response) restores a pool that ends the run identically."""
+    prompts, gen = make_prompts(cfg["num_prompts"]), SimGenerator(cfg["seed"], cfg["max_len"])
+    runs = []
+    for swap in (-1, swap_at):
+        pool, batches = new_pool(cfg, prompts), []
+        for _ in range(steps):
+            batches.append(canonical(drive_step(pool, gen, "budget")))
+
+        def reload(state):
+            p = new_pool(cfg, prompts[state["counters"]["prompts_taken"]:])
+            p.load_state_dict(state)
+            return p
+
+        rng = random.Random(gen.seed * 7 + pool.step)
+        pool = drive_budget_step(pool, gen, pool.step, rng, swap_at=swap, reload=reload)
+        batches.append(canonical(finish_step(pool, gen)))
+        while not pool.is_drained():
+            batches.append(canonical(drive_step(pool, gen, "budget")))
+            assert len(batches) < 1000
+        runs.append((batches, pool.state_dict()))
+    assert runs[0] == runs[1]
+
+
+def test_budget_step_refills_at_once_and_truncates_at_the_budget():
+    """One engine, 2 slots x window 4 = a budget of 8: sample 0 ends after 2 tokens and its slot
+    takes sample 2 at once; the step ends at 8 tokens with samples 1 and 2 truncated."""
+    gen = SimGenerator(0, 20)
+    lengths = {0: 2, 1: 20 + 1, 2: 20 + 1, 3: 20 + 1}
+    gen.natural_len = lambda uid: lengths.get(uid, 21)  # 21 > max_len: never EOS
+    pool = WindowPool(2, 2, 4, 20, make_prompts(3))
+    feed = ContinuousStep(pool, 1, Sampling())
+    engine = SimStreamEngine(gen, lambda uid: len(pool.sample(uid).prompt_ids))
+    (call,) = feed.first_calls()
+    assert [(r.key, r.slot, r.max_tokens) for r in call.requests] == [(0, 0, 20), (1, 1, 20), (2, None, 20), (3, None, 20)]
+    upd = engine.stream(*call.args())
+    assert upd.closed and upd.tokens == 8 and upd.iterations == 4 and upd.unstarted == [3]
+    assert [(type(ev).__name__, ev.key, ev.slot) for ev in upd.events] == [
+        ("StreamResult", 0, 0), ("StreamStart", 2, 0), ("StreamResult", 2, 0), ("StreamResult", 1, 1)]
+    assert feed.on_update(0, upd) is None and feed.stats()["utilization"] == 1.0
+    b = pool.end_step()
+    assert [(x.sample_uid, x.start, x.end, x.finished) for x in b.segments] == [
+        (0, 0, 2, True), (2, 0, 2, False), (1, 0, 4, False)]  # finished first, then by slot
+    assert [s.uid for s in pool.pending()] == [3] and pool.stats()["samples_started"] == 3
+    # next step: the truncated samples resume from their token ids, sample 3 waits its turn
+    feed = ContinuousStep(pool, 1, Sampling())
+    (call,) = feed.first_calls()
+    assert [(r.key, r.slot, r.token_ids) for r in call.requests[:2]] == [
+        (2, 0, pool.sample(2).prompt_ids + pool.sample(2).response_ids), (1, 1, pool.sample(1).prompt_ids + pool.sample(1).response_ids)]
 
 
 # ------------------------------------------------------------------ a worked example
@@ -383,3 +475,39 @@ def test_imports_are_pure():
     names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     banned = ("megatron", "vllm", "ray", "torch.distributed", "torch.cuda", "transformer_engine")
     assert not [m for m in names if any(m == b or m.startswith(b + ".") for b in banned)], names
+
+
+def test_budget_step_errors_and_upcoming():
+    pool = WindowPool(2, 2, 3, 10, make_prompts(3))
+    assert pool.budget_left is None and [s.uid for s in pool.upcoming(3)] == [0, 1, 2]
+    assert pool.prompts_taken == 2 and pool.num_pending == 4  # upcoming took prompts, started nothing
+    assert [s.uid for s in pool.upcoming(2, skip={0, 2})] == [1, 3]
+    assert pool.begin_budget_step() == 6 and pool.budget_left == 6
+    pool.start(1, 2)  # out of FIFO order: another engine had samples 0 and 1
+    with pytest.raises(ValueError, match="slot 1 is busy"):
+        pool.start(1, 3)
+    with pytest.raises(ValueError, match="sample 2 is not pending"):
+        pool.start(0, 2)
+    assert pool.max_new_tokens(1) == 10  # a budget step bounds a segment by the response's room only
+    pool.append(1, [1] * 5, [0.0] * 5, 0)
+    with pytest.raises(ValueError, match="exceed the step's token budget.*5 of 6"):
+        pool.append(1, [1] * 2, [0.0] * 2, 0)
+    pool.append(1, [1], [0.0], 0)
+    with pytest.raises(ValueError, match="begin_budget_step after 6 tokens"):
+        pool.begin_budget_step()
+    (seg,) = pool.end_step().segments
+    assert (seg.sample_uid, seg.start, seg.end) == (2, 0, 6) and pool.budget_left is None
+    assert pool.max_new_tokens(1) == 3  # a window step again
+    assert [s.uid for s in pool.pending()] == [0, 1, 3]
+
+
+def test_format_1_state_loads_as_a_window_step():
+    pool = WindowPool(2, 2, 4, 8, make_prompts(2))
+    pool.refill()
+    pool.append(0, [1, 2], [0.0, 0.0], 0)
+    state = pool.state_dict()
+    old = {k: v for k, v in state.items() if k not in ("step_budget", "step_tokens")}
+    old["format"] = 1
+    b = WindowPool(2, 2, 4, 8, make_prompts(2)[state["counters"]["prompts_taken"]:])
+    b.load_state_dict(old)
+    assert b.step_budget is None and b.stats() == pool.stats()
