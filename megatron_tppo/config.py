@@ -187,6 +187,12 @@ class RolloutConfig:
     """KV-cache size in GiB for vLLM on CPU (VLLM_CPU_KVCACHE_SPACE)."""
     weight_sync_bucket_mb: int = 512
     """Size bound of one bucket when streaming policy weights into vLLM."""
+    weight_transport: Literal["auto", "gloo", "nccl", "ipc"] = "auto"
+    """How weights travel from the trainer ranks to the engine workers (one process group per
+    policy pipeline stage; megatron_tppo/weights/transfer.py). auto: nccl on cuda (gloo when an
+    engine worker shares a sender's GPU, which NCCL forbids), gloo on cpu. gloo: host buffers over
+    TCP (CPU; on GPU a host-staged fallback that works colocated and across nodes). nccl: CUDA
+    buffers (engines on GPUs of their own). ipc (CUDA IPC for colocated engines) is not implemented."""
     logprobs_mode: Literal["processed", "raw"] = "processed"
     """Behaviour log-probs: of the sampling distribution (after temperature/top-p), or raw temperature 1."""
 
@@ -421,6 +427,13 @@ class TPPOConfig:
         check(r.tensor_parallel >= 1 and r.num_engines >= 1, "rollout.tensor_parallel",
               "rollout.tensor_parallel and rollout.num_engines must be >= 1")
         check(r.weight_sync_bucket_mb >= 1, "rollout.weight_sync_bucket_mb", "must be >= 1")
+        check(r.weight_transport != "ipc", "rollout.weight_transport",
+              "ipc (CUDA IPC) is not implemented; use auto, gloo (host-staged, works colocated) or nccl")
+        check(r.weight_transport != "nccl" or self.parallel.device != "cpu", "rollout.weight_transport",
+              "nccl needs parallel.device cuda (or auto on a GPU machine); use gloo or auto on cpu")
+        check(r.weight_transport != "nccl" or not r.colocate, "rollout.weight_transport",
+              "nccl with rollout.colocate=true puts an engine worker on a sender's GPU, which NCCL refuses; "
+              "use auto or gloo (host-staged)")
         if m.num_attention_heads > 0 and r.tensor_parallel >= 1:
             check(m.num_attention_heads % r.tensor_parallel == 0, "rollout.tensor_parallel",
                   f"{r.tensor_parallel} must divide model.num_attention_heads={m.num_attention_heads}")

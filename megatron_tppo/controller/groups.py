@@ -40,6 +40,12 @@ def _get(refs: Any, what: str, timeout: Optional[float] = None, who: Optional[li
         raise ActorDiedError(f"{what}: no answer within {timeout} s") from err
 
 
+def wait_all(refs: list, what: str, who: Optional[list[str]] = None, timeout: Optional[float] = None) -> list:
+    """:func:`_get` for calls into several groups at once (e.g. trainers sending while engines
+    receive): the first failure anywhere raises, named, instead of leaving its peers blocked."""
+    return _get(refs, what, timeout=timeout, who=who)
+
+
 def _names(group: str, where: Optional[list[dict]], n: int) -> list[str]:
     if not where:
         return [f"{group} rank {i}" for i in range(n)]
@@ -153,6 +159,15 @@ class RolloutGroup:
         ref = ray.put(named)
         refs = [w.load_weights.remote(ref, version, model_cfg, bucket_mb) for w in self.workers]
         return _get(refs, "rollout.load_weights", who=self.who)[0]
+
+    def sleep(self, level: int = 2) -> None:
+        """Every engine frees its GPU memory (level 2: weights and KV cache; the next sync reloads
+        the weights, so a step without a sync must use level 1). No-op on CPU."""
+        _get([w.call.remote("sleep", level) for w in self.workers], "rollout.sleep", who=self.who)
+
+    def wake_up(self, tags: Optional[list] = None) -> None:
+        """Every engine re-allocates ``tags`` ("weights" before a sync, "kv_cache" after; None = all)."""
+        _get([w.call.remote("wake_up", tags) for w in self.workers], "rollout.wake_up", who=self.who)
 
     def shutdown(self) -> None:
         for w in self.workers:

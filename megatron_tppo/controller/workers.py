@@ -104,6 +104,50 @@ class TrainerWorker:
         keep = self.info.tp_rank == 0 and self.info.dp_rank == 0
         return [(n, t.cpu()) for n, t in full] if keep else [None for _ in full]
 
+    # -- weights straight to the engines (megatron_tppo.controller.weight_sync) -------------------
+
+    def open_weight_transfer(self, dtype: Optional[str] = None, timeout_s: float = 600.0) -> Optional[dict]:
+        """Prepare this rank's part in sending its pipeline stage (every rank is called). The stage's
+        sender (tp=0, dp=0) opens the group's rendezvous and returns ``{"pp_rank", "host", "port",
+        "uuid"}`` (its GPU's UUID, None on CPU); every other rank returns None."""
+        import ray
+
+        from megatron_tppo.weights.transfer import StageSender
+
+        dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype or "", None)
+        self.close_weight_transfer()
+        replica0 = self.info.dp_rank == 0
+        self.sender = StageSender(self.engine.module, self.engine.tp_group, self.info.tp, self.model_cfg,
+                                  is_sender=replica0 and self.info.tp_rank == 0, takes_part=replica0, dtype=dt)
+        address = self.sender.open(ray.util.get_node_ip_address(), timeout_s=timeout_s)
+        if address is None:
+            return None
+        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid) if self.info.device == "cuda" else None
+        return {"pp_rank": self.info.pp_rank, "host": address[0], "port": address[1], "uuid": uuid}
+
+    def join_weight_transfer(self, backend: str, world_size: int, timeout_s: float = 600.0) -> None:
+        """The sender joins its stage's group (blocks until every engine worker joined); others return."""
+        self.sender.join(backend, world_size, timeout_s)
+
+    def send_weights(self, bucket_bytes: int) -> dict:
+        """One sync: replica 0's ranks gather the stage tensor by tensor, its sender broadcasts buckets."""
+        return {**self.sender.send(bucket_bytes), "pp_rank": self.info.pp_rank, "tp_rank": self.info.tp_rank}
+
+    def close_weight_transfer(self) -> None:
+        sender = getattr(self, "sender", None)
+        if sender is not None:
+            sender.close()
+        self.sender = None
+
+    def memory(self, reset: bool = False) -> dict:
+        """This process's resident set: current and peak bytes (peak since the last ``reset=True``)."""
+        from megatron_tppo.weights.transfer import reset_peak_rss, rss_bytes
+
+        cur, peak = rss_bytes()
+        if reset:
+            reset_peak_rss()
+        return {"rss_bytes": cur, "rss_peak_bytes": peak}
+
     def save(self, path: str, with_optimizer: bool = True) -> None:
         self.engine.save(path, with_optimizer)
 
@@ -142,6 +186,17 @@ class RolloutWorker:
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return getattr(self.engine, method)(*args, **kwargs)
+
+    def memory(self, reset: bool = False) -> dict:
+        """Resident set (current, peak since the last ``reset=True``) of this actor and, for an
+        engine with worker processes, of each worker (``"workers"``)."""
+        from megatron_tppo.weights.transfer import reset_peak_rss, rss_bytes
+
+        workers = self.engine.worker_memory(reset) if getattr(self.engine, "remote_workers", False) else []
+        cur, peak = rss_bytes()
+        if reset:
+            reset_peak_rss()
+        return {"rss_bytes": cur, "rss_peak_bytes": peak, "workers": workers}
 
     def ping(self) -> dict:
         """Where this actor runs (pid and node address), for the run's actors.json."""

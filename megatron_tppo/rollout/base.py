@@ -13,6 +13,8 @@ from typing import Iterable, Literal, Optional, Sequence, Union
 
 import torch
 
+from megatron_tppo.rollout.stream import StreamRequest, StreamUpdate
+
 FinishReason = Literal["stop", "length"]
 
 
@@ -73,6 +75,56 @@ class RolloutEngine(abc.ABC):
             prompt i).
         """
 
+    def stream(self, requests: Sequence[StreamRequest], budget: int, sampling: Sampling = Sampling(),
+               expect_more: bool = True) -> StreamUpdate:
+        """Continuous generation with refill (``rollout.refill=continuous``), one call at a time.
+
+        A *stream* opens with the first call and stays open across calls until an update comes
+        back with ``closed=True``. Between calls the engine keeps its running requests (their KV
+        cache and the tokens they generated) and generates nothing; while a stream is open, call
+        no other method of this engine (``generate`` would run the stream's requests too, and
+        ``load_weights`` would change the weights under them: every token of a stream must come
+        from one policy version).
+
+        Each call:
+
+        1. ``requests`` join the stream. One with a ``slot`` starts at once in that slot, which
+           must be free (not used yet in this stream, or its request ended); one without waits
+           in a FIFO queue. Keys must be unique within the stream.
+        2. Every free slot takes the queue's head (a :class:`StreamStart` event).
+        3. Iterations of continuous batching follow: every running request gains (at most) one
+           token per iteration. A request ends on a stop token (finish "stop") or at its
+           ``max_tokens`` ("length"); a :class:`StreamResult` event then carries everything it
+           generated in this stream, and its slot takes the queue's head before the next
+           iteration, so a slot never waits for the others.
+        4. The call returns when one of these happens first:
+
+           * ``budget`` tokens were generated in this call (all requests together): every
+             running request ends "truncated" (its tokens so far, to be continued later from
+             ``token_ids + result.token_ids``), queued requests come back in
+             ``StreamUpdate.unstarted``, and the stream closes. The budget is never exceeded:
+             when fewer tokens are left than requests run, the excess requests (highest slots
+             first) are truncated before the iteration; tokens delivered beyond it are dropped;
+           * a slot is free, the queue is empty and ``expect_more``: the caller should send the
+             next requests (the stream stays open; at least one iteration ran in this call);
+           * nothing runs and nothing waits: the stream closes.
+
+           ``budget=0`` closes the stream at once, truncating everything.
+
+        Args:
+            requests: what joins the stream (none: just continue).
+            budget: most tokens this call may generate (the caller passes what is left of its
+                share of the step's budget).
+            sampling: temperature and top-p of the requests added by this call; each
+                request's own ``seed`` replaces ``sampling.seed``.
+            expect_more: the caller has more requests to send when a slot frees.
+        Returns:
+            The events of this call in the order they happened (in a slot, the result of its
+            request precedes the start that refilled it), the tokens generated, the iterations
+            run, and whether the stream closed.
+        """
+        raise TypeError(f"{type(self).__name__} does not implement continuous refill (stream)")
+
     @abc.abstractmethod
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Replace the model weights in place from (HF name, full tensor) pairs; stamp ``version``.
@@ -87,6 +139,28 @@ class RolloutEngine(abc.ABC):
 
     def restore_memory(self) -> None:
         """Undo :meth:`release_memory` before the next ``generate``/``load_weights``."""
+
+    def sleep(self, level: int = 2) -> None:
+        """Colocation: free the accelerator for training (level 2 drops the weights too: the next
+        sync reloads them). Default: no memory to free."""
+
+    def wake_up(self, tags: Optional[Sequence[str]] = None) -> None:
+        """Undo :meth:`sleep` for ``tags`` ("weights", "kv_cache"; None = all)."""
+
+    # Weights straight from the trainers (megatron_tppo.controller.weight_sync): a backend that
+    # supports it joins one transfer group per policy pipeline stage and receives every sync there.
+
+    def join_weight_transfer(self, groups: list[dict], rank_offset: int) -> list[dict]:
+        """Join the per-stage transfer groups (``{"backend", "host", "port", "world_size",
+        "timeout_s"}`` each); this engine's workers take ranks ``rank_offset, rank_offset + 1, ...``."""
+        raise TypeError(f"{type(self).__name__} cannot receive weights from a transfer group")
+
+    def receive_weights(self, version: int) -> dict:
+        """Receive one sync from the joined groups; stamps ``version``. Returns stats."""
+        raise TypeError(f"{type(self).__name__} cannot receive weights from a transfer group")
+
+    def close_weight_transfer(self) -> None:
+        """Leave the transfer groups."""
 
     def shutdown(self) -> None:
         """Stop the engine and free its resources."""

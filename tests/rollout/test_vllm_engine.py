@@ -2,7 +2,7 @@
 
 Covers: behaviour log-probs equal HF's (fp32, 1e-4), greedy windows resumed from token ids equal
 one uninterrupted run, per-sequence max_tokens, n samples with seeds, in-place weight reload with
-no stale weights (and the version stamp), and the head-size guard.
+no stale weights (and the version stamp), the sleep/wake order, and the head-size guard.
 """
 from __future__ import annotations
 
@@ -136,6 +136,29 @@ def test_release_restore_are_noops_on_cpu(engine):
     engine.release_memory()
     engine.restore_memory()
     assert len(engine.generate([[1, 2]], max_tokens=2, sampling=GREEDY)[0].token_ids) == 2
+
+
+def test_sleep_wake_order_is_enforced(engine, hf_qwen2):
+    """vLLM's sleep does nothing on CPU, but the colocated order (wake weights, load, wake KV
+    cache, generate, sleep) is checked here as it must hold on GPU."""
+    engine.sleep()  # level 2: the weights count as discarded
+    try:
+        with pytest.raises(RuntimeError, match="sleeps"):
+            engine.generate([[1, 2]], max_tokens=1)
+        with pytest.raises(RuntimeError, match="weights are asleep"):
+            engine.load_weights(hf_qwen2.state_dict().items(), version=0)
+        engine.wake_up(["weights"])
+        with pytest.raises(RuntimeError, match="sleeps"):
+            engine.generate([[1, 2]], max_tokens=1)  # the KV cache still sleeps
+        engine.wake_up(["kv_cache"])
+        with pytest.raises(RuntimeError, match="discarded"):
+            engine.prompt_logprobs([[1, 2, 3]])  # level 2 and nothing loaded since
+    finally:
+        engine.wake_up()
+        engine.load_weights(hf_qwen2.state_dict().items(), version=0)
+    assert len(engine.generate([[1, 2]], max_tokens=2, sampling=GREEDY)[0].token_ids) == 2
+    with pytest.raises(ValueError, match="unknown wake_up tags"):
+        engine.wake_up(["scheduling"])
 
 
 def test_head_size_below_32_is_refused_before_vllm_starts(tmp_path):
