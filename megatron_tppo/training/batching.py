@@ -8,7 +8,16 @@ nothing; causal attention makes tokens after a row's end irrelevant to the token
 
 Micro-batches: rows sorted by length (longest first) are packed greedily while
 ``rows * longest_row <= micro_batch_tokens`` (a row longer than the budget gets a micro-batch of its
-own). Each micro-batch is cut to its own longest row, rounded up to ``pad_to_multiple``.
+own). Each micro-batch is cut to its own longest row, rounded up to ``pad_to_multiple``; when that
+is wider than the batch, its per-token fields are right-padded with zeros (zero loss and attention
+masks), so every width is a multiple, and so is every micro-batch's token count.
+
+FP8 (:func:`fp8_alignment`): Transformer Engine checks each FP8 GEMM operand
+(``assert_dim_for_fp8_exec`` in transformer_engine/pytorch/utils.py): the product of the leading
+dims (the tokens) must be divisible by 8 and the last dim by 16. In the weight-gradient GEMM the
+tokens are the inner dimension, so the token count needs 16. MXFP8 scales blocks of 32 along both
+dims (``MXFP8Quantizer.is_quantizable`` in transformer_engine/pytorch/tensor/mxfp8_tensor.py).
+megatron-core pads to the same numbers (``get_fp8_align_size`` in megatron/core/fp8_utils.py).
 """
 from __future__ import annotations
 
@@ -25,14 +34,29 @@ def row_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.long)
 
 
+def fp8_alignment(fp8: str | None, fp8_recipe: str = "delayed") -> int:
+    """The multiple that sequence widths (and so micro-batch token counts) are padded to.
+
+    ``fp8``, ``fp8_recipe``: ModelConfig's. 1 without FP8, 32 for the mxfp8 recipe, else 16 (the
+    module docstring says where these numbers come from).
+    """
+    if fp8 is None:
+        return 1
+    return 32 if fp8_recipe == "mxfp8" else 16
+
+
 def select_rows(batch: dict[str, torch.Tensor], rows: torch.Tensor, width: int | None = None) -> dict:
-    """Rows ``rows`` of every field; per-token fields ([B, T, ...]) cut to ``width`` columns."""
+    """Rows ``rows`` of every field; per-token fields ([B, T, ...]) cut to ``width`` columns, or
+    right-padded with zeros up to ``width`` when it is wider than T."""
     t = batch["tokens"].shape[1]
     out = {}
     for key, value in batch.items():
         v = value.index_select(0, rows.to(value.device))
         if width is not None and v.dim() >= 2 and v.shape[1] == t:
-            v = v[:, :width]
+            if width <= t:
+                v = v[:, :width]
+            else:
+                v = torch.cat([v, v.new_zeros((v.shape[0], width - t, *v.shape[2:]))], dim=1)
         out[key] = v
     return out
 
@@ -53,15 +77,18 @@ def plan_micro_batches(lengths: torch.Tensor, micro_batch_tokens: int, pad_to_mu
                        sort: bool = True) -> MicroBatchPlan:
     """Group rows into micro-batches of at most ``micro_batch_tokens`` padded tokens.
 
-    lengths: [B] real tokens per row. With ``sort=False`` rows keep their order (the naive layout
-    the benchmark compares against).
+    lengths: [B] real tokens per row. Every width is a positive multiple of ``pad_to_multiple``
+    (:func:`fp8_alignment`). With ``sort=False`` rows keep their order (the naive layout the
+    benchmark compares against).
     """
+    if pad_to_multiple < 1:
+        raise ValueError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}")
     order = torch.argsort(lengths, descending=True, stable=True) if sort else torch.arange(len(lengths))
     rows: list[list[int]] = []
     widths: list[int] = []
 
-    def rounded(n: int) -> int:
-        return max(1, -(-n // pad_to_multiple) * pad_to_multiple)
+    def rounded(n: int) -> int:  # an empty row still takes one multiple
+        return max(1, -(-n // pad_to_multiple)) * pad_to_multiple
 
     for i in order.tolist():
         w = rounded(int(lengths[i]))
@@ -74,6 +101,14 @@ def plan_micro_batches(lengths: torch.Tensor, micro_batch_tokens: int, pad_to_mu
         rows.append([i])
         widths.append(w)
     return MicroBatchPlan([torch.tensor(r, dtype=torch.long) for r in rows], widths)
+
+
+def split_micro_batches(batch: dict[str, torch.Tensor], micro_batch_tokens: int,
+                        pad_to_multiple: int = 1) -> tuple[list[torch.Tensor], list[dict]]:
+    """The batch as planned micro-batches: (row indices of each, the micro-batches themselves),
+    each micro-batch [b, w] with w its planned width (cut, or zero-padded past T)."""
+    plan = plan_micro_batches(row_lengths(batch), micro_batch_tokens, pad_to_multiple)
+    return plan.rows, [select_rows(batch, r, w) for r, w in zip(plan.rows, plan.widths)]
 
 
 def padding_fraction(lengths: torch.Tensor, plan: MicroBatchPlan) -> float:

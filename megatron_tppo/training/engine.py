@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_tppo.config import LayoutConfig, ModelConfig, OptimizerConfig
-from megatron_tppo.training.batching import plan_micro_batches, row_lengths, select_rows
+from megatron_tppo.training.batching import fp8_alignment, row_lengths, split_micro_batches
 from megatron_tppo.training.metrics import pack_metrics, unpack_metrics
 from megatron_tppo.training.offload import KINDS, StorageOffloader, engine_tensors, release_scratch_buffers
 from megatron_tppo.training.vocab_parallel import vocab_parallel_logprobs
@@ -86,8 +86,8 @@ class TrainEngine:
         self.dp_size = ps.get_data_parallel_world_size()
         self.is_last_stage = ps.is_pipeline_last_stage()
         self.last_stage_rank = ps.get_pipeline_model_parallel_last_rank()
-        # FP8 GEMMs want dims divisible by 16; elsewhere keep micro-batches tight.
-        self.pad_to_multiple = pad_to_multiple or (16 if model_cfg.fp8 else 1)
+        # FP8 GEMMs need token counts divisible by 16 (32 for MXFP8); elsewhere keep micro-batches tight
+        self.pad_to_multiple = pad_to_multiple or fp8_alignment(model_cfg.fp8, model_cfg.fp8_recipe)
 
         build = build_critic if role == "critic" else build_gpt
         model = build(model_cfg, device, seed, recompute=layout.recompute)
@@ -147,10 +147,8 @@ class TrainEngine:
     # ------------------------------------------------------------------ forward helpers
 
     def _micro_batches(self, batch: dict) -> tuple[list[torch.Tensor], list[dict]]:
-        lengths = row_lengths(batch)
-        plan = plan_micro_batches(lengths, self.layout.micro_batch_tokens, self.pad_to_multiple)
-        widths = [min(w, batch["tokens"].shape[1]) for w in plan.widths]
-        return plan.rows, [select_rows(batch, r, w) for r, w in zip(plan.rows, widths)]
+        # widths are multiples of pad_to_multiple, zero-padded past the batch width when wider
+        return split_micro_batches(batch, self.layout.micro_batch_tokens, self.pad_to_multiple)
 
     def _model_forward(self, model, mb: dict) -> torch.Tensor:
         tokens = mb["tokens"].to(self._dev)
@@ -227,7 +225,8 @@ class TrainEngine:
             lengths = row_lengths(batch).to(self._dev)
             for r, mb, res in zip(rows, mbs, store):
                 for k in keys:
-                    out[k][r.to(self._dev), : res[k].shape[1]] = res[k]
+                    w = min(res[k].shape[1], t)  # a padded micro-batch may be wider than the batch
+                    out[k][r.to(self._dev), :w] = res[k][:, :w]
             valid = torch.arange(t, device=self._dev)[None] < lengths[:, None]
             for k in keys:
                 out[k] *= valid
