@@ -30,7 +30,8 @@ class ModelConfig:
     arch: Literal["qwen2", "llama"] = "qwen2"
     """Model family; decides the HF names and defaults (Qwen2 has QKV bias, Llama does not)."""
     hf_path: Optional[str] = None
-    """Directory of a Hugging Face model to start from; None builds the tiny default."""
+    """Directory of a Hugging Face model to start from (required to train; `make run` builds the
+    tiny default with tools/build_tiny_model.py)."""
     tokenizer_path: Optional[str] = None
     """Tokenizer directory; None means the same directory as ``hf_path``."""
     num_layers: int = 4
@@ -58,7 +59,10 @@ class ModelConfig:
     params_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Parameter/compute dtype. Use fp32 on CPU (bf16 matmul there is ~700x slower)."""
     fp8: Optional[Literal["e4m3", "hybrid"]] = None
-    """Transformer Engine FP8 format for linear layers; None disables FP8. Needs a GPU and TE."""
+    """Transformer Engine FP8 format for linear layers; None disables FP8. Needs a GPU and TE.
+    With FP8, micro-batch widths are padded to multiples of 16 (32 for mxfp8) and the linear
+    layers' widths per tensor-parallel rank must be such multiples too (Transformer Engine's
+    FP8 GEMM shape rule; megatron_tppo/training/batching.py)."""
     fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
     """Transformer Engine FP8 scaling recipe (used only when ``fp8`` is set)."""
     make_vocab_size_divisible_by: int = 128
@@ -226,7 +230,9 @@ class AlgorithmConfig:
     entropy_coef: float = 0.0
     """Entropy bonus weight."""
     kl_coef: float = 0.0
-    """KL penalty to a frozen reference policy; 0 disables it (the paper's default)."""
+    """KL penalty to a frozen reference policy (the starting weights). Not implemented: it needs a
+    third, forward-only model group for the reference log-probs, so any value but 0 (the paper's
+    setting) is a configuration error."""
     dynamic_sampling: bool = False
     """DAPO dynamic sampling: drop groups whose finished samples all got the same reward."""
     critic_warmup_steps: int = 10
@@ -303,6 +309,11 @@ class CheckpointConfig:
 
     save_every: int = 0
     """Save a run checkpoint every N steps; 0 saves only at the end and on termination signals."""
+    save_every_s: float = 0.0
+    """Also save a run checkpoint at the end of the first step that ends at least this many
+    seconds (wall clock) after the previous save, or after the loop started; 0 disables it. With
+    steps of hours, a step count alone may leave more than a job's time limit between saves.
+    Either cadence triggers a save; the time a step waits for it is logged as perf/checkpoint_s."""
     keep_last: int = 2
     """Number of whole checkpoints to keep."""
     resume: bool = False
@@ -310,7 +321,8 @@ class CheckpointConfig:
     load_policy: Optional[str] = None
     """torch_dist checkpoint to initialize the policy from (e.g. made by convert_hf_to_megatron)."""
     load_critic: Optional[str] = None
-    """torch_dist checkpoint to initialize the critic from; None builds it from the policy."""
+    """torch_dist checkpoint to initialize the critic from; None: the backbone of ``model.hf_path``
+    with a fresh value head."""
 
 
 @dataclass
@@ -379,6 +391,7 @@ class TPPOConfig:
             check(self.parallel.device != "cpu", "model.fp8",
                   "FP8 needs a GPU with Transformer Engine; parallel.device is cpu")
             check(m.params_dtype != "fp32", "model.fp8", "FP8 training expects params_dtype bf16 or fp16")
+            self._check_fp8_widths(check)
 
         lg = self.parallel.local_gpus
         if lg is not None:
@@ -456,6 +469,9 @@ class TPPOConfig:
         check(a.value_clip >= 0, "algorithm.value_clip", "must be >= 0")
         for name in ("positive_lm_coef", "entropy_coef", "kl_coef", "overlong_penalty"):
             check(getattr(a, name) >= 0, f"algorithm.{name}", f"must be >= 0, got {getattr(a, name)}")
+        check(a.kl_coef == 0, "algorithm.kl_coef",
+              f"a KL penalty to a reference policy is not implemented (no reference model is built); "
+              f"set it to 0, got {a.kl_coef}")
         check(a.critic_warmup_steps >= 0, "algorithm.critic_warmup_steps", "must be >= 0")
         check(a.max_nonfinite_updates >= 1, "algorithm.max_nonfinite_updates", "must be >= 1")
         check(a.policy_epochs >= 1 and a.critic_epochs >= 1, "algorithm.policy_epochs",
@@ -478,9 +494,33 @@ class TPPOConfig:
 
         c = self.checkpoint
         check(c.save_every >= 0, "checkpoint.save_every", "must be >= 0")
+        check(c.save_every_s >= 0 and math.isfinite(c.save_every_s), "checkpoint.save_every_s",
+              f"must be a finite number of seconds >= 0, got {c.save_every_s}")
         check(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
         check(bool(self.logging.output_dir), "logging.output_dir", "must not be empty")
 
         if errors:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
         return self
+
+    def _check_fp8_widths(self, check) -> None:
+        """FP8 GEMM operands need both dims divisible by 16 (32 for mxfp8): the token dim is
+        padded by the engine, the weight dims per tensor-parallel rank are checked here."""
+        m = self.model
+        align = 32 if m.fp8_recipe == "mxfp8" else 16
+        check(m.hidden_size % align == 0, "model.fp8", f"model.hidden_size={m.hidden_size} must be a multiple "
+              f"of {align} for FP8 GEMMs (recipe {m.fp8_recipe})")
+        if m.num_attention_heads <= 0 or m.hidden_size % m.num_attention_heads:
+            return
+        for role in ("policy", "critic"):
+            tp = getattr(self.parallel, role).tensor_parallel
+            if tp < 1:
+                continue
+            widths = {"model.ffn_hidden_size": m.ffn_hidden_size / tp,
+                      "attention output (num_attention_heads x head size)": m.num_attention_heads * m.head_size / tp,
+                      "QKV (num_attention_heads + 2 x num_query_groups heads)":
+                          (m.num_attention_heads + 2 * m.num_query_groups) * m.head_size / tp}
+            for what, width in widths.items():
+                check(width == int(width) and int(width) % align == 0, "model.fp8",
+                      f"{what} per tensor-parallel rank of the {role} (parallel.{role}.tensor_parallel={tp}) "
+                      f"is {width:g}, not a multiple of {align} as FP8 GEMMs need (recipe {m.fp8_recipe})")

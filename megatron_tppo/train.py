@@ -78,6 +78,11 @@ def preflight(cfg: TPPOConfig) -> Path:
         get_reward(reward_name(cfg.data))
     except ValueError as err:
         raise ConfigError(f"data.reward: {err}") from None
+    if cfg.data.task != "arith":
+        for key in ("train_path", "eval_path"):
+            path = getattr(cfg.data, key)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"data.{key}: {path!r} does not exist")
     out = Path(cfg.logging.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -106,6 +111,27 @@ def _install_stop_signals() -> list:
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, handler)
     return got
+
+
+class CheckpointCadence:
+    """When the step loop saves a run checkpoint: after every ``every_steps``-th step, after the
+    first step that ends ``every_s`` seconds (wall clock, ``clock``) or more after the previous
+    save (or after the cadence was made, at the loop's start), and whenever ``due`` is told the
+    run ends (last step, stop signal, time budget). 0 turns a cadence off."""
+
+    def __init__(self, every_steps: int = 0, every_s: float = 0.0, clock=time.monotonic):
+        self.every_steps, self.every_s, self.clock = every_steps, every_s, clock
+        self.last_save = clock()
+
+    def due(self, steps_done: int, final: bool = False) -> bool:
+        """Should the checkpoint of ``steps_done`` finished steps be written now?"""
+        by_steps = self.every_steps > 0 and steps_done % self.every_steps == 0
+        by_time = self.every_s > 0 and self.clock() - self.last_save >= self.every_s
+        return final or by_steps or by_time
+
+    def saved(self) -> None:
+        """A save just finished: the wall-clock interval starts again."""
+        self.last_save = self.clock()
 
 
 def initialize(cfg: TPPOConfig, loop, model_dir: Path) -> int:
@@ -203,6 +229,7 @@ def run(cfg: TPPOConfig) -> dict:
                    disable=not cfg.logging.progress_bar,
                    dynamic_ncols=True)
         ckpt_root = run_checkpoint.checkpoint_root(out)
+        cadence = CheckpointCadence(cfg.checkpoint.save_every, cfg.checkpoint.save_every_s)
         deadline = time.monotonic() + cfg.time_budget_s if cfg.time_budget_s > 0 else float("inf")
         for step in bar:
             metrics = loop.step(step)
@@ -212,9 +239,14 @@ def run(cfg: TPPOConfig) -> dict:
                 metrics.update(loop.evaluate())
             logger.log(step + 1, metrics)
             bar.write(summary_line(step + 1, metrics))
-            every = cfg.checkpoint.save_every
-            if stop or last or (every and (step + 1) % every == 0):
+            waited = 0.0  # perf/checkpoint_s: what this step waited for its checkpoint (0 without one)
+            if cadence.due(step + 1, final=bool(stop) or last):
+                t_save = time.perf_counter()
                 run_checkpoint.save(ckpt_root, step + 1, loop, cfg.checkpoint.keep_last)
+                waited = time.perf_counter() - t_save
+                cadence.saved()
+            metrics["perf/checkpoint_s"] = waited
+            logger.log(step + 1, {"perf/checkpoint_s": waited})
             if stop:
                 bar.write(f"[tppo] {stop[0]} received: checkpointed and stopping after step {step + 1}")
                 break
@@ -246,14 +278,21 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    print(f"[tppo] run directory: {out.resolve()}")
+    from megatron_tppo.console import start_run_logs
+
+    log_dir = start_run_logs(out)
+    print(f"[tppo] run directory: {out.resolve()} (logs: {log_dir.resolve()})")
     mode = " [PPO baseline: window >= max response]" if cfg.is_ppo_baseline else ""
     print(f"[tppo] window {cfg.rollout.window_tokens} tokens, max response {cfg.rollout.max_response_tokens} "
           f"({cfg.max_windows} windows), {cfg.rollout.num_slots} slots, groups of {cfg.rollout.samples_per_prompt}{mode}")
     from megatron_tppo.controller.errors import RunAborted
+    from megatron_tppo.data.datasets import DataError
 
     try:
         metrics = run(cfg)
+    except DataError as err:  # a malformed row with data.bad_rows=error: like a bad config, one line
+        print(f"data error: {err}", file=sys.stderr, flush=True)
+        return 2
     except RunAborted as err:
         from megatron_tppo.controller.run_checkpoint import checkpoint_root, latest_checkpoint
 

@@ -13,8 +13,16 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, num_g
     CPU fractions, so ``num_cpus`` only bounds Ray's own task scheduling. ``num_gpus`` (local
     cluster only) declares that many GPUs; None lets Ray detect them (logical GPUs on a CPU machine
     make the GPU placement run there).
+
+    Logs: with ``TPPO_LOG_DIR`` set (:func:`megatron_tppo.console.start_run_logs` does it), every
+    worker process of this job writes its output to a file there and the console gets only real
+    problems (:mod:`megatron_tppo.console`); Ray's INFO lines are not printed.
     """
+    import logging
+
     import ray
+
+    from megatron_tppo.console import LOG_DIR_ENV
 
     if ray.is_initialized():
         return False
@@ -23,13 +31,18 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, num_g
     env = {k: v for k, v in os.environ.items()
            if k.startswith(("VLLM_", "HF_", "OMP_", "TPPO_", "PYTHONPATH", "CUDA_VISIBLE", "NCCL_", "GLOO_"))}
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # per-request INFO lines drown the step summaries
-    env.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
+    runtime_env: dict = {"env_vars": env}
+    if env.get(LOG_DIR_ENV):
+        runtime_env["worker_process_setup_hook"] = "megatron_tppo.console.worker_process_setup"
+        env.setdefault("VLLM_LOGGING_STREAM", "ext://megatron_tppo.console.vllm_log_stream")
+    else:
+        env.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING)
         return False
     gpus = {} if num_gpus is None else {"num_gpus": num_gpus}
     ray.init(num_cpus=num_cpus or max(os.cpu_count() or 1, 4, num_gpus or 0), include_dashboard=False, **gpus,
-             runtime_env={"env_vars": env}, log_to_driver=True)
+             runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING)
     return True
 
 

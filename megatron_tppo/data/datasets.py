@@ -112,7 +112,7 @@ def _raw_rows(path: Path, fmt: str):
                 if not line.strip():
                     continue
                 try:
-                    yield f"{path}:{lineno}", json.loads(line)
+                    yield f"{path}:{lineno}", json.loads(line.rstrip("\r\n"))  # columns of this line
                 except json.JSONDecodeError as err:
                     yield f"{path}:{lineno}", ValueError(f"bad JSON ({err.msg} at column {err.colno})")
     else:

@@ -79,6 +79,8 @@ def transformer_config(m: ModelConfig, tp: int, pp: int, device: str, recompute:
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,
         gradient_accumulation_fusion=False,
+        # no CUDA graphs; [] is what megatron-core turns its default "full" into, with a deprecation warning
+        cuda_graph_scope=[],
         **fp8_transformer_kwargs(m.fp8, m.fp8_recipe),
         # full recompute keeps only each layer's input and redoes the layer in backward
         **(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)

@@ -87,3 +87,33 @@ def test_resume_flag_is_checkpoint_resume():
 
     assert parse_config(["--config", REPO_CFG, "--resume"])[0].checkpoint.resume is True
     assert parse_config(["--config", REPO_CFG, "steps=3"])[0].checkpoint.resume is False
+
+
+def test_missing_data_file_is_refused(capsys, tmp_path, model_dir):
+    rc, err, seconds = _main(capsys, f"model.hf_path={model_dir}", "data.task=jsonl",
+                             f"data.train_path={tmp_path}/nope.jsonl", f"logging.output_dir={tmp_path}/r")
+    assert rc == 2 and "data.train_path" in err and "does not exist" in err and seconds < 5, err
+
+
+def test_malformed_row_with_bad_rows_error_is_one_line_and_exit_2(tmp_path, model_dir):
+    """Like a bad config: the file and line of the bad row, exit 2, no traceback (a real process:
+    the entry point reads the dataset before any cluster starts)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from megatron_tppo.data.tokenizer import save_tokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    save_tokenizer(model)
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": "2+2", "answer": "4"}\n{"prompt": "3+3", "answer"\n')
+    out = subprocess.run([sys.executable, "-m", "megatron_tppo.train", "--config", REPO_CFG, f"model.hf_path={model}",
+                          "data.task=jsonl", f"data.train_path={data}", "data.bad_rows=error",
+                          f"logging.output_dir={tmp_path}/run"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.strip().splitlines() == [f"data error: {data}:3: bad JSON (Expecting ':' delimiter at column 27)"], out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    assert not (tmp_path / "run" / "actors.json").exists()  # nothing started
