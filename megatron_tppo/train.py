@@ -144,22 +144,27 @@ def initialize(cfg: TPPOConfig, loop, model_dir: Path) -> int:
     """
     from megatron_tppo.controller import run_checkpoint
 
+    start = None
     if cfg.checkpoint.resume:
         start = run_checkpoint.resume(run_checkpoint.checkpoint_root(cfg.logging.output_dir), loop)
-        if start is not None:
-            loop.sync_weights()  # the rollout engine starts from the HF weights: give it the policy's
-            return start
-        print("[tppo] checkpoint.resume: no whole checkpoint found; starting from the initial weights", flush=True)
-    if cfg.checkpoint.load_policy:
-        loop.policy.load(cfg.checkpoint.load_policy, with_optimizer=False)
-        loop.sync_weights()
-    else:
-        loop.policy.load_hf(str(model_dir))
-    if cfg.checkpoint.load_critic:
-        loop.critic.load(cfg.checkpoint.load_critic, with_optimizer=False)
-    else:
-        loop.critic.load_hf(str(model_dir))
-    return 0
+        if start is None:
+            print("[tppo] checkpoint.resume: no whole checkpoint found; starting from the initial weights", flush=True)
+    if start is None:
+        start = 0
+        if cfg.checkpoint.load_policy:
+            loop.policy.load(cfg.checkpoint.load_policy, with_optimizer=False)
+        else:
+            loop.policy.load_hf(str(model_dir))
+        if cfg.checkpoint.load_critic:
+            loop.critic.load(cfg.checkpoint.load_critic, with_optimizer=False)
+        else:
+            loop.critic.load_hf(str(model_dir))
+    # the engines start from the HF files: give them the policy's own weights through the same
+    # path every step uses (also when they are the HF ones, so step 1 already runs on a synced
+    # engine), then hand the GPUs to generation
+    loop.sync_weights()
+    loop.colocation.for_generation()
+    return start
 
 
 def run(cfg: TPPOConfig) -> dict:
@@ -169,6 +174,7 @@ def run(cfg: TPPOConfig) -> dict:
     from megatron_tppo.controller import cluster, run_checkpoint
     from megatron_tppo.controller.groups import RolloutGroup, TrainerGroup
     from megatron_tppo.controller.ray_placement import PlacedCluster, plan_for_cluster
+    from megatron_tppo.controller.weight_sync import WeightSync
     from megatron_tppo.controller.loop import Task, TPPOLoop
     from megatron_tppo.data.datasets import build_eval_prompts, build_prompt_stream, reward_name
     from megatron_tppo.data.tokenizer import load_tokenizer, make_encoder
@@ -217,7 +223,11 @@ def run(cfg: TPPOConfig) -> dict:
         # which process is which (for py-spy, logs, and telling what died)
         (out / "actors.json").write_text(json.dumps(rollout.where + policy.where + critic.where, indent=1) + "\n")
 
-        loop = TPPOLoop(cfg, policy, critic, rollout, task, logger)
+        sync = WeightSync(policy, rollout, cfg)  # per-stage transfer groups: trainer ranks -> engine workers
+        groups.append(sync)  # closed before the groups it spans
+        print(f"[tppo] weight sync: {len(sync.senders)} sender(s) -> {sync.world_size - 1} engine worker(s) "
+              f"over {sync.backend}", flush=True)
+        loop = TPPOLoop(cfg, policy, critic, rollout, task, logger, weight_sync=sync)
         start = initialize(cfg, loop, model_dir)
         first = loop.evaluate() if task.eval_prompts and cfg.data.eval_every > 0 and start == 0 else {}
         if first:
@@ -259,7 +269,7 @@ def run(cfg: TPPOConfig) -> dict:
     finally:
         logger.close()
         reward.close()
-        for g in reversed(groups):
+        for g in reversed(groups):  # WeightSync.close, then the actor groups, then the placement groups
             g.shutdown()
         cluster.shutdown(started)
 

@@ -3,6 +3,7 @@
 Data flows one way, one call per arrow:
 prompts -> window pool -> rollout -> rewards (+ critic values, overlapped) -> EGAE -> policy update
 -> critic update (finished responses only) -> weight sync -> rollout.
+With ``rollout.colocate`` the GPUs change hands between the phases (:mod:`.colocation`).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from megatron_tppo.algorithms.tppo_batch import (
     row_attention_mask,
 )
 from megatron_tppo.algorithms.window_pool import Prompt, StepBatch, WindowPool
+from megatron_tppo.controller.colocation import Colocation
 from megatron_tppo.controller.errors import NonFiniteLossError
 from megatron_tppo.rollout.base import Sampling
 
@@ -44,8 +46,9 @@ class Task:
 
 
 class TPPOLoop:
-    def __init__(self, cfg, policy, critic, rollout, task: Task, logger, progress=None):
+    def __init__(self, cfg, policy, critic, rollout, task: Task, logger, progress=None, weight_sync=None):
         self.cfg, self.policy, self.critic, self.rollout, self.task = cfg, policy, critic, rollout, task
+        self.weight_sync = weight_sync
         self.logger, self.progress = logger, progress
         r, a = cfg.rollout, cfg.algorithm
         self.pool = WindowPool(r.num_slots, r.samples_per_prompt, r.window_tokens, r.max_response_tokens, task.prompts)
@@ -60,6 +63,7 @@ class TPPOLoop:
         self.utilization = 0.0
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
+        self.colocation = Colocation(r.colocate, policy, critic, rollout)
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict:
@@ -79,6 +83,8 @@ class TPPOLoop:
         batch, m["perf/generate_s"] = self._timed(self.generate_window, step)
         gen_tokens = sum(s.end - s.start for s in batch.segments)
         m["perf/generated_tokens_per_s"] = gen_tokens / max(m["perf/generate_s"], 1e-9)
+        will_sync = step >= cfg.algorithm.critic_warmup_steps  # the policy moves from this step on
+        self.colocation.for_training(keep_weights=not will_sync)  # engines sleep, trainers back on the GPU
 
         values_ref, t0 = self.critic.forward_async(self._context_batch(batch)), time.perf_counter()
         m.update(self.score_finished(batch))  # overlaps with the critic forward
@@ -89,7 +95,7 @@ class TPPOLoop:
         # they share nothing, so both run at once
         t0 = time.perf_counter()
         segments = self.policy_segments(batch)
-        train_policy = step >= cfg.algorithm.critic_warmup_steps and bool(segments)
+        train_policy = will_sync and bool(segments)
         policy_job = self.start_policy_update(segments) if train_policy else None
         finished = [s for s in batch.finished if s.values and None not in s.values]
         if finished:
@@ -98,8 +104,10 @@ class TPPOLoop:
             m.update(self.finish_policy_update(*policy_job))
         m["perf/train_s"] = time.perf_counter() - t0
         self._check_nonfinite(m)
-        if train_policy:
-            m.update(self.sync_weights())
+        if will_sync:  # (also after an update-less step: a sleeping engine dropped its weights)
+            m.update(self.sync_weights())  # hands the GPUs over for the sync first (colocated)
+        self.colocation.for_generation()  # trainers off the GPU, engines wake their KV cache
+        m["perf/colocation_s"] = self.colocation.take_seconds()
         m.update(self.rollout_metrics(batch, gen_tokens))
         if cfg.logging.rollout_dump:
             self.dump_finished(step + 1, batch)
@@ -137,7 +145,18 @@ class TPPOLoop:
         return out, time.perf_counter() - t0
 
     def generate_window(self, step: int) -> StepBatch:
+        """One step of generation (``rollout.refill``), closed into the step's segments.
+
+        ``self.utilization`` (``rollout/slot_utilization``) is the fraction of slot-iterations
+        that produced a token. window: tokens / (active slots x the longest request's tokens),
+        the decode iterations of the window. continuous: tokens / sum over engines of (its
+        slots x the iterations its stream ran).
+        """
         r = self.cfg.rollout
+        if r.refill == "continuous":
+            return self._generate_continuous(step)
+        if r.refill != "window":
+            raise ValueError(f"rollout.refill={r.refill!r}: not a refill mode (window, continuous)")
         self.pool.refill()
         reqs = self.pool.requests()
         if reqs:
@@ -149,6 +168,15 @@ class TPPOLoop:
             # decode iterations of this window = its longest request; the rest of the slots idled
             lengths = [len(res.token_ids) for res in results]
             self.utilization = sum(lengths) / max(len(lengths) * max(lengths), 1)
+        return self.pool.end_step()
+
+    def _generate_continuous(self, step: int) -> StepBatch:
+        """Continuous refill: a slot whose response ends takes the next sample at once; the step
+        ends after num_slots x window_tokens tokens (:mod:`megatron_tppo.controller.continuous`)."""
+        r = self.cfg.rollout
+        sampling = Sampling(temperature=r.temperature, top_p=r.top_p, seed=self.cfg.seed * 100_003 + step * 7919)
+        stats = self.rollout.stream_step(self.pool, sampling)
+        self.utilization = stats["utilization"]
         return self.pool.end_step()
 
     def score_finished(self, batch: StepBatch) -> dict:
@@ -245,14 +273,10 @@ class TPPOLoop:
         return m
 
     def sync_weights(self) -> dict:
-        """Gather the policy (TP shards, PP stages) and stream it into the rollout engines."""
-        t0 = time.perf_counter()
-        named = self.policy.full_weights()
-        t1 = time.perf_counter()
-        st = self.rollout.load_weights(named, self.version, self.cfg.model, self.cfg.rollout.weight_sync_bucket_mb)
-        total = time.perf_counter() - t0
-        return {"perf/weight_sync_s": total, "perf/weight_gather_s": t1 - t0, "perf/weight_load_s": st["seconds"],
-                "perf/weight_sync_gb_per_s": st["bytes"] / max(total, 1e-9) / 1e9, "perf/weight_sync_buckets": float(st["buckets"])}
+        """The policy's weights straight from its trainer ranks into every engine worker
+        (:class:`~megatron_tppo.controller.weight_sync.WeightSync`; the driver holds no tensor)."""
+        self.colocation.for_sync()  # colocated: critic and optimizer states off, engine weights awake
+        return self.weight_sync.sync(self.version)
 
     def rollout_metrics(self, batch: StepBatch, gen_tokens: int) -> dict:
         fin = batch.finished

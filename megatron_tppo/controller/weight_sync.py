@@ -132,6 +132,9 @@ class WeightSync:
             pass
 
 
+    shutdown = close  # the driver stops everything it started with shutdown()
+
+
 def _growth(stats: dict) -> float:
     return float(stats.get("cuda_growth_bytes", stats["rss_growth_bytes"]))
 

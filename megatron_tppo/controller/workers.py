@@ -148,11 +148,23 @@ class TrainerWorker:
             reset_peak_rss()
         return {"rss_bytes": cur, "rss_peak_bytes": peak}
 
+    def _on_device(self, fn, *args):
+        """Run ``fn`` with everything on the device, then offload again what was off before
+        (a checkpoint written between steps finds a colocated trainer offloaded)."""
+        was = set(self.engine.offloaded)
+        if was:
+            self.engine.onload()
+        try:
+            return fn(*args)
+        finally:
+            if was:
+                self.engine.offload(params="params" in was, grads="grads" in was, optimizer="optimizer" in was)
+
     def save(self, path: str, with_optimizer: bool = True) -> None:
-        self.engine.save(path, with_optimizer)
+        self._on_device(self.engine.save, path, with_optimizer)
 
     def load(self, path: str, with_optimizer: bool = True) -> None:
-        self.engine.load(path, with_optimizer)
+        self._on_device(self.engine.load, path, with_optimizer)
 
     def ping(self) -> dict:
         """Where this actor runs (pid and node address), for the run's actors.json."""
