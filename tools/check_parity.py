@@ -2,15 +2,19 @@
 
     python tools/check_parity.py --hf-dir HF --tp 2 --pp 1 [--checkpoint CKPT] [--vllm] [--tol 1e-4]
     python tools/check_parity.py --hf-dir HF --layouts 1x1,2x1,1x2 --vllm      # several layouts, one launch
+    python tools/check_parity.py --hf-dir HF --layouts 2x1,1x2 --vllm-tp 2     # a TP=2 vLLM engine
 
 * HF: transformers' CausalLM from --hf-dir (fp32), the reference.
 * megatron: the policy at each layout, in its own tp*pp processes (lcm over --layouts; extra ranks
   are data-parallel replicas), loaded from --hf-dir (load_hf_into) or from --checkpoint (a
   torch_dist checkpoint, resharded on load: this checks a conversion). Log-probs come from
   TrainEngine.forward; logits from a plain forward whose TP-sharded vocabulary is gathered here.
-* vLLM (--vllm): started from --hf-dir, then overwritten with weights synced from each megatron
-  policy (gather -> megatron_to_hf -> files in /dev/shm -> VLLMEngine.load_weights), so a broken
-  sync or a corrupt checkpoint shows.
+* vLLM (--vllm, or --vllm-tp N for an engine with N worker processes): started with random weights
+  (``load_format="dummy"``; --hf-dir gives the config), then loaded with each layout's megatron
+  weights through the run's own sync path: one gloo transfer group per pipeline stage
+  (megatron_tppo.weights.transfer.StageSender on the ranks; the engine workers' receive path,
+  VLLMEngine.join_weight_transfer / receive_weights), so a broken sync or a corrupt checkpoint
+  shows. Only the orchestration differs from a run's (no Ray: ports are picked here).
 
 The same random token sequences go through all of them. Prints a table of max/mean |Δ log-prob|
 (tokens 1..T-1) and |Δ logit|, then, as the LAST line, the worst max |Δ|; exits 1 above --tol.
@@ -27,8 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_tppo.weights.convert import ConvertError, finish_hf_dir, read_hf_model, run_ranks  # noqa: E402
-from megatron_tppo.weights.hf_io import HFCheckpoint, HFCheckpointError  # noqa: E402
+from megatron_tppo.weights.convert import ConvertError, read_hf_model, run_ranks  # noqa: E402
+from megatron_tppo.weights.hf_io import HFCheckpointError  # noqa: E402
 
 
 def _megatron_logits(eng, tokens: torch.Tensor, device: str) -> torch.Tensor:
@@ -61,13 +65,17 @@ def _megatron_logits(eng, tokens: torch.Tensor, device: str) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def _parity_rank(layouts, m, hf_dir, checkpoint, tokens, out_dir, sync_weights, device) -> None:
+def _parity_rank(layouts, m, hf_dir, checkpoint, tokens, out_dir, sync, device) -> None:
+    """One rank: every layout in turn; with ``sync`` (``{"ports": [[port per stage] per layout],
+    "world_size", "bucket_bytes", "timeout_s"}``) each layout's weights go to the engine afterwards."""
+    import torch.distributed as dist
+
     from megatron_tppo.config import LayoutConfig, OptimizerConfig
     from megatron_tppo.training import TrainEngine, init_parallel
-    from megatron_tppo.weights.convert import stream_stage_to_hf
     from megatron_tppo.weights.hf_io import load_hf_into
+    from megatron_tppo.weights.transfer import StageSender
 
-    for tp, pp in layouts:
+    for i, (tp, pp) in enumerate(layouts):
         info = init_parallel(tp, pp, device)
         layout = LayoutConfig(tensor_parallel=tp, pipeline_parallel=pp, data_parallel=info.dp)
         eng = TrainEngine(m, layout, OptimizerConfig(), role="policy", device=device, with_optimizer=False)
@@ -79,9 +87,27 @@ def _parity_rank(layouts, m, hf_dir, checkpoint, tokens, out_dir, sync_weights, 
         logits = _megatron_logits(eng, tokens, device)
         if info.is_last_stage and info.tp_rank == 0 and info.dp_rank == 0:
             torch.save({"logprobs": logp, "logits": logits[..., : m.vocab_size].cpu()}, f"{out_dir}/tp{tp}pp{pp}.pt")
-        if sync_weights:
-            stream_stage_to_hf(eng, m, info, f"{out_dir}/weights_tp{tp}pp{pp}", "fp32", 2**62)
+        if sync:
+            sender = StageSender(eng.module, eng.tp_group, tp, m, is_sender=info.tp_rank == 0 and info.dp_rank == 0,
+                                 takes_part=info.dp_rank == 0, dtype=torch.float32)
+            sender.open("127.0.0.1", sync["ports"][i][info.pp_rank], sync["timeout_s"])
+            sender.join("gloo", sync["world_size"], sync["timeout_s"])
+            sender.send(sync["bucket_bytes"])
+            sender.close()
+        dist.barrier()  # the next layout re-creates the model-parallel groups on every rank
         del eng
+
+
+def _vllm_logprobs(engine, layouts, tokens, sync) -> dict:
+    """Engine side of the sync: per layout, join its stages' groups, receive, score the tokens."""
+    out = {}
+    for version, ((tp, pp), ports) in enumerate(zip(layouts, sync["ports"]), start=1):
+        engine.join_weight_transfer([dict(backend="gloo", host="127.0.0.1", port=port, world_size=sync["world_size"],
+                                          timeout_s=sync["timeout_s"]) for port in ports], rank_offset=1)
+        engine.receive_weights(version)
+        engine.close_weight_transfer()
+        out[(tp, pp)] = torch.tensor(engine.prompt_logprobs(tokens.tolist()))
+    return out
 
 
 def _hf_reference(hf_dir: str, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,6 +143,9 @@ def main(argv=None) -> int:
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--layouts", default=None, help="several layouts in one launch, e.g. 1x1,2x1,1x2 (TPxPP)")
     ap.add_argument("--vllm", action="store_true", help="also compare a vLLM engine synced from megatron")
+    ap.add_argument("--vllm-tp", type=int, default=None,
+                    help="vLLM tensor-parallel size (worker processes; implies --vllm; default 1)")
+    ap.add_argument("--bucket-mb", type=float, default=16.0, help="size bound of one weight-sync bucket (MiB)")
     ap.add_argument("--tol", type=float, default=1e-4, help="largest allowed max |Δ| (log-prob and logit)")
     ap.add_argument("--num-seqs", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=32)
@@ -124,7 +153,11 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     a = ap.parse_args(argv)
     layouts = parse_layouts(a)
+    vllm_tp = a.vllm_tp or 1
+    use_vllm = a.vllm or a.vllm_tp is not None
     try:
+        if vllm_tp < 1:
+            raise ConvertError(f"--vllm-tp must be >= 1, got {vllm_tp}")
         for tp, pp in layouts:
             m, _ = read_hf_model(a.hf_dir, "fp32", tp, pp)
     except (ConvertError, HFCheckpointError) as e:
@@ -135,30 +168,38 @@ def main(argv=None) -> int:
     ref_logits, ref_logp = _hf_reference(a.hf_dir, tokens)
     rows = []  # (comparison, max |Δ logp|, mean |Δ logp|, max |Δ logit|, mean |Δ logit|)
     shm = "/dev/shm" if Path("/dev/shm").is_dir() else None
+    engine, vllm = None, {}
     with tempfile.TemporaryDirectory(dir=shm, prefix="tppo_parity_") as out:
         world = math.lcm(*(tp * pp for tp, pp in layouts))
-        run_ranks(_parity_rank, world, layouts, m, a.hf_dir, a.checkpoint, tokens, out, a.vllm, a.device)
+        sync = None
+        if use_vllm:
+            from megatron_tppo.rollout.vllm_backend import VLLMEngine
+
+            # started first (a vLLM that cannot start fails before any rank waits for it), from
+            # random weights: every number it reports afterwards came through the sync
+            engine = VLLMEngine(a.hf_dir, max_model_len=seq_len + 1, max_num_seqs=max(a.num_seqs, 1),
+                                tensor_parallel=vllm_tp, load_format="dummy")
+            sync = {"ports": [[_free_port() for _ in range(pp)] for _, pp in layouts], "world_size": 1 + vllm_tp,
+                    "bucket_bytes": max(1, int(a.bucket_mb * 2**20)), "timeout_s": 300.0}
+        ranks = _Background(run_ranks, _parity_rank, world, layouts, m, a.hf_dir, a.checkpoint, tokens, out, sync,
+                            a.device)
+        try:
+            if engine is not None:
+                vllm = _vllm_logprobs(engine, layouts, tokens, sync)
+            ranks.join()
+        finally:
+            if engine is not None:
+                engine.shutdown()
         meg = {}
         for tp, pp in layouts:
             res = torch.load(f"{out}/tp{tp}pp{pp}.pt")
             meg[(tp, pp)] = res["logprobs"][:, 1:]
             rows.append((f"megatron tp{tp}pp{pp} vs HF", *_stats(meg[(tp, pp)], ref_logp),
                          *_stats(res["logits"], ref_logits)))
-        if a.vllm:
-            from megatron_tppo.rollout.vllm_backend import VLLMEngine
-
-            engine = VLLMEngine(a.hf_dir, max_model_len=seq_len + 1, max_num_seqs=max(a.num_seqs, 1))
-            try:
-                for version, (tp, pp) in enumerate(layouts, start=1):
-                    wdir = Path(f"{out}/weights_tp{tp}pp{pp}")
-                    finish_hf_dir(wdir, pp)
-                    ckpt = HFCheckpoint(_with_config(wdir, a.hf_dir))
-                    engine.load_weights(((n, ckpt[n]) for n in ckpt.names()), version)
-                    v = torch.tensor(engine.prompt_logprobs(tokens.tolist()))
-                    rows.append((f"vLLM<-megatron tp{tp}pp{pp} vs HF", *_stats(v, ref_logp), math.nan, math.nan))
-                    rows.append((f"vLLM<-megatron tp{tp}pp{pp} vs megatron", *_stats(v, meg[(tp, pp)]), math.nan, math.nan))
-            finally:
-                engine.shutdown()
+        name = "vLLM" if vllm_tp == 1 else f"vLLM(tp{vllm_tp})"
+        for (tp, pp), v in vllm.items():
+            rows.append((f"{name}<-megatron tp{tp}pp{pp} vs HF", *_stats(v, ref_logp), math.nan, math.nan))
+            rows.append((f"{name}<-megatron tp{tp}pp{pp} vs megatron", *_stats(v, meg[(tp, pp)]), math.nan, math.nan))
     print(f"{a.num_seqs} sequences x {seq_len} tokens, fp32; |Δ| over tokens 1..{seq_len - 1} (logits: full vocabulary)")
     print(f"{'comparison':<40} {'max|Δlogp|':>11} {'mean|Δlogp|':>11} {'max|Δlogit|':>11} {'mean|Δlogit|':>12}")
     for name, *vals in rows:
@@ -168,12 +209,35 @@ def main(argv=None) -> int:
     return 0 if worst <= a.tol else 1
 
 
-def _with_config(wdir: Path, hf_dir: str) -> Path:
-    """HFCheckpoint wants a config.json beside the synced shards: borrow the reference's."""
-    import shutil
+class _Background:
+    """``fn(*args)`` in a thread; :meth:`join` waits and re-raises its exception."""
 
-    shutil.copy2(Path(hf_dir) / "config.json", wdir / "config.json")
-    return wdir
+    def __init__(self, fn, *args):
+        import threading
+
+        self.error = None
+
+        def target():
+            try:
+                fn(*args)
+            except BaseException as e:  # noqa: BLE001 - handed to join()
+                self.error = e
+
+        self.thread = threading.Thread(target=target, daemon=True)
+        self.thread.start()
+
+    def join(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

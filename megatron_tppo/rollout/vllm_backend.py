@@ -138,13 +138,15 @@ class VLLMEngine(RolloutEngine):
         max_num_seqs: most sequences vLLM batches at once.
         seed: engine seed (used for sampling when a call gives no seed).
         dtype: vLLM dtype; None picks float32 on CPU and bfloat16 on GPU.
+        load_format: vLLM's load format; "dummy" starts from random weights (the model directory
+            then only gives the config), for a check that the first sync really loads everything.
     """
 
     def __init__(self, model_path: Union[str, Path], *, max_model_len: int = 2048, device: str = "auto",
                  cpu_kv_cache_gb: float = 1.0, gpu_memory_utilization: float = 0.5, tensor_parallel: int = 1,
                  logprobs_mode: Literal["processed", "raw"] = "processed",
                  stop_token_ids: Optional[Sequence[int]] = None, max_num_seqs: int = 256, seed: int = 0,
-                 dtype: Optional[str] = None):
+                 dtype: Optional[str] = None, load_format: str = "auto"):
         self.model_path = str(model_path)
         hf_config = read_hf_config(model_path)
         if device == "cpu":
@@ -192,6 +194,7 @@ class VLLMEngine(RolloutEngine):
             logprobs_mode=f"{logprobs_mode}_logprobs",
             seed=seed,
             worker_extension_cls=EXTENSION,
+            load_format=load_format,
             **extra,
         )
 
