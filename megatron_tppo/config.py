@@ -174,7 +174,15 @@ class RolloutConfig:
     max_response_tokens: int = 256
     """Maximum response length L_max; a response reaching it is forced finished (paper: 24576)."""
     refill: Literal["window", "continuous"] = "window"
-    """When finished slots take new prompts: at window boundaries (the paper) or at once."""
+    """When a finished slot takes the next sample, and what ends a step.
+    window (the paper): slots are refilled only at step boundaries; each step every active slot
+    generates up to window_tokens tokens, and a slot whose response ended early idles until the
+    step's last slot is done. continuous (TPPO.md section 7): a slot whose response ends takes
+    the next pending sample at once, inside the step; the step ends once num_slots x
+    window_tokens tokens were generated (over all engines, each with its share of slots and of
+    that budget), and whatever is in flight then is truncated and resumes next step from its
+    token ids. Weights are fixed within a step either way (policy lag below one step). Any
+    other value is a configuration error."""
     temperature: float = 1.0
     """Sampling temperature."""
     top_p: float = 1.0
@@ -432,6 +440,8 @@ class TPPOConfig:
         check(r.window_tokens >= 1, "rollout.window_tokens", f"must be >= 1, got {r.window_tokens}")
         check(r.max_response_tokens >= 1, "rollout.max_response_tokens",
               f"must be >= 1, got {r.max_response_tokens}")
+        check(r.refill in ("window", "continuous"), "rollout.refill",
+              f"must be window or continuous, got {r.refill!r}")
         check(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")
         check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
         check(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",

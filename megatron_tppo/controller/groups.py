@@ -154,6 +154,38 @@ class RolloutGroup:
             out.extend(part)
         return out
 
+    def stream_step(self, pool, sampling) -> dict:
+        """One continuous-refill step of ``pool`` over all engines (``rollout.refill=continuous``).
+
+        Engine e gets its own contiguous share of the pool's slots and the same share of the
+        step's token budget (:class:`~megatron_tppo.controller.continuous.ContinuousStep`); the
+        engines run at once and each reply is applied to the pool as it arrives, so an engine
+        never waits for another. Returns the step's stats (tokens, utilization, ...); the
+        caller ends the pool's step. After an error every stream still open is closed.
+        """
+        from megatron_tppo.controller.continuous import ContinuousStep
+
+        step = ContinuousStep(pool, len(self.workers), sampling)
+        refs = {}
+        for e, call in enumerate(step.first_calls()):
+            if call is not None:
+                refs[self.workers[e].call.remote("stream", *call.args())] = e
+        try:
+            while refs:
+                (done,), _ = ray.wait(list(refs), num_returns=1)
+                e = refs.pop(done)
+                nxt = step.on_update(e, _get(done, "rollout.stream", who=[self.who[e]]))
+                if nxt is not None:
+                    refs[self.workers[e].call.remote("stream", *nxt.args())] = e
+        except BaseException:
+            for e in step.close_calls():
+                try:
+                    ray.get(self.workers[e].call.remote("stream", [], 0), timeout=60)
+                except Exception:  # noqa: BLE001 - best effort on an error path
+                    pass
+            raise
+        return step.stats()
+
     def load_weights(self, named: list, version: int, model_cfg, bucket_mb: int) -> dict:
         """Push (megatron name, full tensor) pairs into every engine; returns engine 0's stats."""
         ref = ray.put(named)
