@@ -265,6 +265,8 @@ class VLLMEngine(RolloutEngine):
 
         session = self.__dict__.get("_stream_session")
         if session is None:
+            self._check_can_generate("stream")
+
             def make_params(s: Sampling, max_tokens: int, seed: Optional[int]):
                 return self._sampling_params(s, max_tokens, seed, 1, logprobs=0)
 
