@@ -1,80 +1,256 @@
-"""Weight sync into a live vLLM engine: seconds and bytes/s against model size.
+"""Weight sync end to end (gather, transfer, engine load): seconds, GB/s and memory per model size.
 
-For each size: a random Qwen2 (made offline with transformers) starts a vLLM engine; its weights in
-megatron's full-tensor layout (what :func:`megatron_tppo.weights.gather.iter_full_params` yields
-after the TP gather) are then streamed into the live engine with
-:func:`megatron_tppo.weights.buckets.sync_weights`: the name/layout map, size-bounded buckets,
-vLLM's in-place reload and the prefix-cache reset. The TP gather itself is measured in training
-runs (``perf/weight_gather_s``). Prints a table and writes benchmarks/results/weight_sync.json.
+For each model size and engine tensor-parallel size: a random Qwen2-style model (made offline),
+a real policy trainer (megatron-core on gloo) and a real vLLM engine started from other random
+weights, on a local Ray cluster. Two paths, in the same run:
 
-    .venv/bin/python benchmarks/weight_sync.py [--sizes tiny small medium large] [--bucket-mb 64]
+* ``direct`` (:class:`megatron_tppo.controller.weight_sync.WeightSync`): the policy's TP-rank-0
+  gathers tensor by tensor and broadcasts size-bounded buckets over the gloo transfer group
+  straight into the engine workers; the driver only orchestrates.
+* ``driver`` (today's path until issue 12): ``TrainerGroup.full_weights`` returns the whole stage
+  to the driver, ``RolloutGroup.load_weights`` puts it in the object store and each engine streams
+  it in (through its workers over a local group when it has worker processes).
+
+Reference: a memcpy of the same bytes in the driver process (the ceiling of any host transfer).
+Memory: the peak resident-set growth during a sync of the driver, of each sender (policy rank) and
+of each receiver (the engine's process at TP=1, its worker processes at TP>1), from
+/proc/self/clear_refs + VmHWM; plus the direct path's own count of transfer buffers alive at once
+in a receiver. The driver must not grow with the model on the direct path.
+
+    .venv/bin/python benchmarks/weight_sync.py                            # all sizes up to ~1.1 GB, TP 1 and 2
+    .venv/bin/python benchmarks/weight_sync.py --sizes xs --engine-tp 1 2 --repeats 1   # a quick check
+
+Prints a table and writes benchmarks/results/weight_sync.json. The 1 GB size needs about 10 GB of
+RAM (policy with Adam states ~4x the model, engine, and the driver path's copies) and a quiet
+machine: on 2 cores each size takes minutes.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from megatron_tppo.config import ModelConfig
+import torch
 
-SIZES = {  # name -> (layers, hidden, ffn, heads, kv groups, vocab)
-    "tiny": (4, 256, 704, 4, 2, 512),
-    "small": (8, 512, 1408, 8, 2, 8192),
-    "medium": (12, 768, 2048, 12, 4, 32000),
-    "large": (16, 1024, 2816, 16, 4, 32000),
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# name -> (layers, hidden, ffn, heads, kv groups, vocab); untied, fp32 (bytes ~ 4 x params)
+SIZES = {
+    "xs": (2, 256, 704, 4, 2, 512),          # ~7 MB
+    "s": (8, 512, 1408, 8, 2, 8192),         # ~125 MB
+    "m": (8, 1024, 2816, 16, 4, 32000),      # ~625 MB
+    "l": (18, 1024, 2816, 16, 4, 32000),     # ~1.07 GB
 }
 
 
-def model_config(name: str) -> ModelConfig:
-    layers, hidden, ffn, heads, groups, vocab = SIZES[name]
-    return ModelConfig(arch="qwen2", num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
-                       num_attention_heads=heads, num_query_groups=groups, vocab_size=vocab,
-                       max_position_embeddings=256, tie_word_embeddings=False)
+def make_cfg(size: str, engine_tp: int, bucket_mb: int):
+    from megatron_tppo.config_io import load_config
+
+    layers, hidden, ffn, heads, groups, vocab = SIZES[size]
+    return load_config(str(REPO / "examples/tiny_cpu.yaml"), [
+        f"model.num_layers={layers}", f"model.hidden_size={hidden}", f"model.ffn_hidden_size={ffn}",
+        f"model.num_attention_heads={heads}", f"model.num_query_groups={groups}", f"model.vocab_size={vocab}",
+        "model.max_position_embeddings=128", "model.tie_word_embeddings=false", "rollout.num_engines=1",
+        f"rollout.tensor_parallel={engine_tp}", f"rollout.weight_sync_bucket_mb={bucket_mb}", "rollout.colocate=true",
+        "rollout.cpu_kv_cache_gb=1"])
 
 
-def run_size(name: str, bucket_mb: int, repeats: int) -> dict:
-    from megatron_tppo.rollout.vllm_backend import VLLMEngine
-    from megatron_tppo.weights.buckets import sync_weights
-    from megatron_tppo.weights.hf_config import random_hf_model
-    from megatron_tppo.weights.hf_mapping import hf_state_dict_to_megatron
-
-    m = model_config(name)
-    model = random_hf_model(m, seed=0)
-    params = sum(p.numel() for p in model.parameters())
-    with tempfile.TemporaryDirectory() as d:
-        model.save_pretrained(d, safe_serialization=True)
-        full = hf_state_dict_to_megatron(model.state_dict(), m)
-        del model
+def memcpy_gb_per_s(nbytes: int, repeats: int = 3) -> float:
+    """Best of ``repeats`` copies of ``nbytes`` between two host buffers (pages touched first)."""
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.zeros(nbytes, dtype=torch.uint8)
+    best = float("inf")
+    for _ in range(repeats):
         t0 = time.perf_counter()
-        engine = VLLMEngine(d, max_model_len=256, cpu_kv_cache_gb=0.5)
-        start_s = time.perf_counter() - t0
-        best = None
-        for version in range(1, repeats + 1):
-            st = sync_weights(engine, iter(full.items()), m, version, bucket_mb << 20)
-            if best is None or st.seconds < best.seconds:
-                best = st
-        engine.shutdown()
-    return {"size": name, "params_m": params / 1e6, "bytes": best.bytes, "buckets": best.buckets,
-            "sync_s": best.seconds, "gb_per_s": best.bytes / best.seconds / 1e9, "engine_start_s": start_s}
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best / 1e9
+
+
+class MemoryProbe:
+    """Peak RSS growth of the driver, the policy ranks and the engine processes during a block."""
+
+    def __init__(self, policy, rollout):
+        self.policy, self.rollout = policy, rollout
+
+    def __enter__(self):
+        import ray
+
+        from megatron_tppo.weights.transfer import reset_peak_rss, rss_bytes
+
+        self.driver0 = rss_bytes()[0]
+        reset_peak_rss()
+        self.senders0 = ray.get([w.memory.remote(True) for w in self.policy.workers])
+        self.engines0 = ray.get([w.memory.remote(True) for w in self.rollout.workers])
+        return self
+
+    def __exit__(self, *exc):
+        import ray
+
+        from megatron_tppo.weights.transfer import rss_bytes
+
+        self.driver_growth = rss_bytes()[1] - self.driver0
+        after = ray.get([w.memory.remote() for w in self.policy.workers])
+        self.sender_growth = [a["rss_peak_bytes"] - b["rss_bytes"] for a, b in zip(after, self.senders0)]
+        engines = ray.get([w.memory.remote() for w in self.rollout.workers])
+        self.receiver_growth = []
+        for a, b in zip(engines, self.engines0):
+            if a["workers"]:  # the worker processes receive; the engine's own process only relays
+                self.receiver_growth += [x["rss_peak_bytes"] - y["rss_bytes"] for x, y in zip(a["workers"], b["workers"])]
+            else:
+                self.receiver_growth.append(a["rss_peak_bytes"] - b["rss_bytes"])
+
+    def as_dict(self) -> dict:
+        mb = 2 ** 20
+        return {"driver_growth_mb": self.driver_growth / mb, "sender_growth_mb": [g / mb for g in self.sender_growth],
+                "receiver_growth_mb": [g / mb for g in self.receiver_growth]}
+
+
+def check_engine(rollout, policy, seqs) -> float:
+    """Largest |vLLM - megatron| prompt log-prob after a sync (the sync really happened)."""
+    import ray
+
+    width = max(map(len, seqs))
+    tokens = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, :len(s)] = torch.tensor(s)
+    want = policy.forward({"tokens": tokens, "attention_mask": (tokens >= 0).long()})["logprobs"]
+    got = ray.get(rollout.workers[0].call.remote("prompt_logprobs", seqs))
+    return max((torch.tensor(g, dtype=torch.float64) - want[i, 1:len(s)].double()).abs().max().item()
+               for i, (g, s) in enumerate(zip(got, seqs)))
+
+
+def run_one(size: str, engine_tp: int, bucket_mb: int, repeats: int, paths: list[str], workdir: Path) -> list[dict]:
+    from megatron_tppo.controller.groups import RolloutGroup, TrainerGroup
+    from megatron_tppo.controller.ray_placement import PlacedCluster, plan_for_cluster
+    from megatron_tppo.controller.weight_sync import WeightSync
+    from megatron_tppo.weights.hf_config import save_random_hf_model
+
+    cfg = make_cfg(size, engine_tp, bucket_mb)
+    policy_dir, engine_dir = workdir / f"{size}_policy", workdir / f"{size}_engine"
+    for d, seed in ((policy_dir, 1), (engine_dir, 2)):
+        if not (d / "config.json").exists():
+            save_random_hf_model(cfg.model, d, seed=seed)
+    plan, on_gpus = plan_for_cluster(cfg, "cpu")
+    placed = PlacedCluster(plan, on_gpus)
+    parts: list = [placed]
+    rows = []
+    try:
+        t0 = time.perf_counter()
+        rollout = RolloutGroup("vllm", str(engine_dir), cfg.rollout, cfg.model, placed=placed)
+        parts.append(rollout)
+        engine_start = time.perf_counter() - t0
+        policy = TrainerGroup("policy", cfg.model, cfg.parallel.policy, cfg.optim.policy, role="policy",
+                              device="cpu", seed=0, total_steps=1, placed=placed)
+        parts.append(policy)
+        policy.load_hf(str(policy_dir))
+        seqs = [[(7 * i + j) % cfg.model.vocab_size for j in range(24)] for i in range(2)]
+        version = 0
+        if "direct" in paths:
+            t0 = time.perf_counter()
+            sync = WeightSync(policy, rollout, cfg)
+            setup = time.perf_counter() - t0
+            try:
+                for r in range(repeats + 1):  # the first sync also plans the buckets: warm-up
+                    version += 1
+                    with MemoryProbe(policy, rollout) as mem:
+                        m = sync.sync(version)
+                    if r == 0:
+                        continue
+                    nbytes = int(m["perf/weight_sync_gb"] * 1e9)
+                    rows.append(dict(size=size, engine_tp=engine_tp, path="direct", repeat=r, bytes=nbytes,
+                                     buckets=int(m["perf/weight_sync_buckets"]), seconds=m["perf/weight_sync_s"],
+                                     gb_per_s=m["perf/weight_sync_gb_per_s"], gather_s=m["perf/weight_gather_s"],
+                                     send_s=m["perf/weight_send_s"], load_s=m["perf/weight_load_s"],
+                                     receiver_buffers_mb=m["mem/weight_sync_receiver_buffers_mb"],
+                                     setup_s=setup, engine_start_s=engine_start, **mem.as_dict()))
+                err = check_engine(rollout, policy, seqs)
+                for row in rows:
+                    row.setdefault("max_logprob_err", err)
+            finally:
+                sync.close()
+        if "driver" in paths:
+            for r in range(1, repeats + 1):
+                version += 1
+                with MemoryProbe(policy, rollout) as mem:
+                    t0 = time.perf_counter()
+                    named = policy.full_weights(cfg.model.params_dtype)
+                    t1 = time.perf_counter()
+                    st = rollout.load_weights(named, version, cfg.model, bucket_mb)
+                    del named
+                    wall = time.perf_counter() - t0
+                rows.append(dict(size=size, engine_tp=engine_tp, path="driver", repeat=r, bytes=st["bytes"],
+                                 buckets=st["buckets"], seconds=wall, gb_per_s=st["bytes"] / wall / 1e9, gather_s=t1 - t0,
+                                 load_s=st["seconds"], engine_start_s=engine_start, **mem.as_dict(),
+                                 max_logprob_err=check_engine(rollout, policy, seqs)))
+        model_bytes = max(r["bytes"] for r in rows)
+        ref = memcpy_gb_per_s(model_bytes)
+        for row in rows:
+            row["memcpy_gb_per_s"] = ref
+    finally:
+        for part in reversed(parts):
+            part.shutdown()
+    return rows
+
+
+def best_rows(rows: list[dict]) -> list[dict]:
+    """The fastest repeat of each (size, engine TP, path)."""
+    best: dict = {}
+    for r in rows:
+        key = (r["size"], r["engine_tp"], r["path"])
+        if key not in best or r["seconds"] < best[key]["seconds"]:
+            best[key] = r
+    return list(best.values())
+
+
+def print_table(rows: list[dict]) -> None:
+    head = (f"{'size':<5}{'TP':>3} {'path':<7}{'MB':>8}{'bkts':>5}{'sync s':>8}{'GB/s':>7}{'memcpy':>8}"
+            f"{'driver+MB':>10}{'sender+MB':>10}{'recv+MB':>9}{'recvbuf':>8}{'|Δlogp|':>9}")
+    print(f"\n{head}\n{'-' * len(head)}")
+    for r in rows:
+        recv_buf = f"{r['receiver_buffers_mb']:>8.1f}" if "receiver_buffers_mb" in r else f"{'-':>8}"
+        print(f"{r['size']:<5}{r['engine_tp']:>3} {r['path']:<7}{r['bytes'] / 2**20:>8.1f}{r['buckets']:>5}"
+              f"{r['seconds']:>8.2f}{r['gb_per_s']:>7.2f}{r['memcpy_gb_per_s']:>8.2f}{r['driver_growth_mb']:>10.1f}"
+              f"{max(r['sender_growth_mb']):>10.1f}{max(r['receiver_growth_mb']):>9.1f}{recv_buf}"
+              f"{r['max_logprob_err']:>9.1e}")
+    print("driver+/sender+/recv+: peak resident-set growth during one sync (max over processes); recvbuf: most "
+          "transfer buffers a receiver held at once (direct path); |Δlogp|: vLLM vs megatron after the sync")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    p.add_argument("--engine-tp", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--paths", nargs="+", default=["direct", "driver"], choices=["direct", "driver"])
     p.add_argument("--bucket-mb", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "weight_sync.json"))
+    p.add_argument("--workdir", default=None, help="where the random models are written (default: a temp dir)")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "weight_sync.json"))
     a = p.parse_args()
-    rows = [run_size(s, a.bucket_mb, a.repeats) for s in a.sizes]
-    head = f"{'size':<8}{'params (M)':>11}{'MB':>9}{'buckets':>8}{'sync s':>8}{'GB/s':>7}{'vLLM start s':>13}"
-    print(f"\n{head}\n{'-' * len(head)}")
-    for r in rows:
-        print(f"{r['size']:<8}{r['params_m']:>11.1f}{r['bytes'] / 2**20:>9.1f}{r['buckets']:>8}{r['sync_s']:>8.2f}"
-              f"{r['gb_per_s']:>7.2f}{r['engine_start_s']:>13.1f}")
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}})
+    rows: list = []
+    try:
+        with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
+            for size in a.sizes:
+                for tp in a.engine_tp:
+                    print(f"[weight_sync] size {size}, engine TP={tp} ...", flush=True)
+                    rows += run_one(size, tp, a.bucket_mb, a.repeats, a.paths, Path(tmp))
+                for d in Path(tmp).glob(f"{size}_*"):  # the models of this size are done
+                    import shutil
+
+                    shutil.rmtree(d)
+    finally:
+        ray.shutdown()
+    table = best_rows(rows)
+    print_table(table)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"bucket_mb": a.bucket_mb, "rows": rows}, indent=1))
+    Path(a.out).write_text(json.dumps({"bucket_mb": a.bucket_mb, "best": table, "rows": rows}, indent=1))
     print(f"wrote {a.out}")
 
 

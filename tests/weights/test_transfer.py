@@ -1,0 +1,86 @@
+"""The wire format of megatron_tppo.weights.transfer on a real 2-rank gloo group (two threads):
+planned buckets from meta shapes equal the real bucketing, a round trip is bit-exact, a stream
+that leaves the plan is refused, and transport names resolve as documented."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from megatron_tppo.config import ModelConfig
+from megatron_tppo.weights import hf_mapping as hm
+from megatron_tppo.weights.buckets import hf_buckets
+from megatron_tppo.weights.hf_config import random_hf_model
+from megatron_tppo.weights.transfer import (
+    TransferGroup, TransferStats, open_store, plan_stage, receive, resolve_transport, send_buckets, send_planned)
+
+M = ModelConfig(arch="qwen2", num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=2,
+                num_query_groups=1, vocab_size=100, max_position_embeddings=32, qkv_bias=True,
+                tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def megatron_sd():
+    return hm.hf_state_dict_to_megatron(random_hf_model(M, seed=3).state_dict(), M)
+
+
+def pair(send):
+    """Run ``send(group0)`` in a thread while this thread receives; returns (received list, send result)."""
+    store = open_store("127.0.0.1", timeout_s=60)
+    out = {}
+
+    def sender():
+        g = TransferGroup.join("gloo", 0, 2, store=store, timeout_s=60)
+        try:
+            out["result"] = send(g)
+        except Exception as e:  # noqa: BLE001 - re-raised below
+            out["error"] = e
+            g.broadcast_object(None)  # let the receiver finish
+        g.close()
+
+    t = threading.Thread(target=sender)
+    t.start()
+    g = TransferGroup.join("gloo", 1, 2, address=("127.0.0.1", store.port), timeout_s=60)
+    stats = TransferStats()
+    got = [(n, x.clone()) for n, x in receive(g, stats)]
+    t.join()
+    g.close()
+    return got, out, stats
+
+
+def test_plan_equals_real_buckets_and_round_trip_is_exact(megatron_sd):
+    bound = 20_000
+    specs = [(n, t.shape, t.dtype) for n, t in megatron_sd.items()]
+    plan = plan_stage(specs, M, bound)
+    real = list(hf_buckets(iter(megatron_sd.items()), M, bound))
+    assert [[s.name for s in b] for b in plan.buckets] == [[n for n, _ in b] for b in real]
+    assert all(s.offset % 64 == 0 for b in plan.buckets for s in b)
+    got, out, stats = pair(lambda g: send_planned(g, iter(megatron_sd.items()), plan, M))
+    want = hm.megatron_state_dict_to_hf(megatron_sd, M)
+    assert [n for n, _ in got] == list(want) and all(torch.equal(t, want[n]) for n, t in got)
+    assert out["result"].buckets == stats.buckets == len(plan.buckets) and stats.bytes == plan.nbytes
+    assert stats.peak_live_bytes <= 2 * max(plan.sizes)  # the clones above let every bucket go at once
+
+
+def test_stream_off_the_plan_is_refused(megatron_sd):
+    plan = plan_stage([(n, t.shape, t.dtype) for n, t in megatron_sd.items()], M, 20_000)
+    reordered = list(megatron_sd.items())[::-1]
+    _, out, _ = pair(lambda g: send_planned(g, iter(reordered), plan, M))
+    assert "does not follow the stage's plan" in str(out["error"])
+
+
+def test_send_buckets_mixed_dtypes():
+    bucket = [("a", torch.arange(5, dtype=torch.float32)), ("b", torch.ones(3, 2, dtype=torch.bfloat16))]
+    got, _, _ = pair(lambda g: send_buckets(g, [bucket, bucket[:1]]))
+    assert [n for n, _ in got] == ["a", "b", "a"]
+    assert torch.equal(got[1][1], bucket[1][1]) and got[1][1].dtype == torch.bfloat16
+
+
+def test_resolve_transport():
+    assert resolve_transport("auto", "cpu") == "gloo" and resolve_transport("auto", "cuda") == "nccl"
+    assert resolve_transport("gloo", "cuda") == "gloo"
+    with pytest.raises(ValueError, match="needs CUDA"):
+        resolve_transport("nccl", "cpu")
+    with pytest.raises(ValueError, match="not implemented"):
+        resolve_transport("ipc", "cuda")
