@@ -135,3 +135,15 @@ def test_validation_imports_nothing_heavy():
             "bad=[m for m in ('megatron','vllm','ray','transformers') if m in sys.modules]; print(bad); assert not bad")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_unknown_refill_mode_is_a_config_error():
+    """rollout.refill: window and continuous are implemented; anything else is refused, from the
+    command line and from code, never silently treated as window."""
+    with pytest.raises(C.ConfigError, match="rollout.refill: 'sometimes' is not one of"):
+        IO.load_config(None, ["rollout.refill=sometimes"])
+    cfg = IO.load_config(None, ["rollout.refill=continuous"])
+    assert cfg.rollout.refill == "continuous"
+    cfg.rollout.refill = "sometimes"
+    with pytest.raises(C.ConfigError, match="rollout.refill: must be window or continuous"):
+        cfg.validate()
