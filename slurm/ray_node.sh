@@ -61,7 +61,13 @@ else
     ip=${TPPO_NODE_IP:-$(route_ip "$head_ip")}
     args+=(--address="${head_ip}:${gcs_port}" --node-ip-address="$ip")
 fi
-# GPUs: Ray detects those that Slurm made visible (CUDA_VISIBLE_DEVICES); none on CPU nodes.
+# GPUs: exactly those Slurm gave this step (CUDA_VISIBLE_DEVICES, set by the gres/gpu plugin),
+# declared to Ray explicitly; Ray maps its GPU ids onto that list. On nodes without a GPU driver
+# (tests/slurm's character-device "GPUs") these are logical GPUs: the GPU placement still runs.
+if [[ -n "${CUDA_VISIBLE_DEVICES:-}" && "${CUDA_VISIBLE_DEVICES}" != "NoDevFiles" ]]; then
+    IFS=, read -r -a visible <<<"$CUDA_VISIBLE_DEVICES"
+    args+=(--num-gpus="${#visible[@]}")
+fi
 echo "${tag} ${role} raylet ${ip}:${nm_port} (slurm node ${node}, job ${SLURM_JOB_ID:-?}, GCS ${head_ip}:${gcs_port}," \
      "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-none}, temp ${tmp_dir})"
 

@@ -20,6 +20,7 @@ import pwd
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -62,8 +63,8 @@ def _which(name: str) -> str:
 class LocalSlurm:
     """``n_nodes`` emulated nodes ``n1..nN`` (``cpus`` each) in partition ``test``."""
 
-    def __init__(self, n_nodes: int = 2, cpus: int = 2, root: str | None = None):
-        self.n_nodes, self.cpus = n_nodes, cpus
+    def __init__(self, n_nodes: int = 2, cpus: int = 2, gpus: int = 0, root: str | None = None):
+        self.n_nodes, self.cpus, self.gpus = n_nodes, cpus, gpus
         # /tmp dirs from pytest are 0700 root: the munge user could not reach its key there
         self.dir = Path(root or tempfile.mkdtemp(prefix="tppo-slurm-"))
         self.dir.chmod(0o755)
@@ -154,12 +155,22 @@ class LocalSlurm:
             f"SlurmdLogFile={d / 'slurmd'}.%n.log",
             f"PlugStackConfig={d / 'plugstack.conf'}",
             "KillWait=10",
+            *(["GresTypes=gpu"] if self.gpus else []),
             f"NodeName=n[1-{self.n_nodes}] NodeHostname={host} NodeAddr=127.0.0.1 Port=[{nport}-{nport + 1}] "
-            f"CPUs={self.cpus} State=UNKNOWN",
+            f"CPUs={self.cpus}" + (f" Gres=gpu:{self.gpus}" if self.gpus else "") + " State=UNKNOWN",
             f"PartitionName=test Nodes=n[1-{self.n_nodes}] Default=YES MaxTime=INFINITE State=UP",
             "",
         ]))
         (d / "plugstack.conf").write_text("")
+        if self.gpus:
+            # gres "GPUs": character devices (like /dev/null) that slurmd hands out by index and
+            # announces in CUDA_VISIBLE_DEVICES (PLATFORM.md); Ray then takes them as logical GPUs
+            devs = d / "dev"
+            devs.mkdir()
+            for i in range(self.gpus):
+                os.mknod(devs / f"gpu{i}", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+            (d / "gres.conf").write_text(
+                f"NodeName=n[1-{self.n_nodes}] Name=gpu File={devs}/gpu[0-{self.gpus - 1}]\n")
 
     def _wait_idle(self, timeout_s: float) -> None:
         deadline = time.time() + timeout_s

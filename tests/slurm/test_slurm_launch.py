@@ -42,7 +42,7 @@ def slurm_cluster():
                     "run .ci/setup_slurm.sh as root)")
     if os.geteuid() != 0:
         pytest.skip("the local Slurm cluster runs its daemons as root (munged as the munge user)")
-    cluster = LocalSlurm(n_nodes=2, cpus=2).start()
+    cluster = LocalSlurm(n_nodes=2, cpus=2, gpus=2).start()  # gres "GPUs": character devices
     yield cluster
     cluster.stop()
     shutil.rmtree(cluster.dir, ignore_errors=True)
@@ -109,3 +109,52 @@ def test_sbatch_two_nodes_tiny_run_requeued_resumes(slurm_cluster, tiny_model, t
     steps = sorted({s for s, _ in tb["rollout/finished_count"]})
     assert steps == [1, 2, 3, 4], steps
     assert (run_dir / "config.yaml").is_file() and (run_dir / "driver.log").is_file()
+
+
+@pytest.mark.slow
+def test_sbatch_rehearsal_of_the_32b_shape(slurm_cluster, tiny_model, tmp_path):
+    """examples/rehearsal/tppo_32b_shape.yaml through `sbatch slurm/tppo_32b.sh` on two nodes with
+    two gres GPUs each: Ray takes them as logical GPUs, the colocated plan is applied (policy TP2
+    on node 0 sharing its GPUs with the TP2 engine, critic PP2 on node 1), vLLM runs its
+    multiprocess executor, weights go over the gloo transfer group, and every sync leaves the
+    train-vs-rollout mismatch below 1e-4."""
+    import json
+    import time
+
+    from megatron_tppo.monitoring import read_scalars
+
+    run_dir = tmp_path / "run"
+    overrides = TINY_MODEL + [f"model.hf_path={tiny_model}", f"logging.output_dir={run_dir}"]
+    env = {"TPPO_PYTHON": sys.executable, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    t0 = time.time()
+    job = slurm_cluster.sbatch(["--nodes=2", "--gpus-per-node=2", "--time=30", "--job-name=tppo-rehearsal",
+                                f"--output={tmp_path}/slurm-%j.out", str(ROOT / "slurm" / "tppo_32b.sh"),
+                                "examples/rehearsal/tppo_32b_shape.yaml", *overrides], cwd=ROOT, env=env)
+    info = slurm_cluster.wait_job(job, timeout_s=900)
+    out_file = tmp_path / f"slurm-{job}.out"
+    out = out_file.read_text() if out_file.exists() else "(no Slurm output file)"
+    driver_log = (run_dir / "driver.log").read_text() if (run_dir / "driver.log").exists() else ""
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", \
+        f"{info.get('JobState')}\n{out[-5000:]}\n{driver_log[-5000:]}"
+    print(f"rehearsal job took {time.time() - t0:.0f} s")
+    # each Ray node declared the 2 GPUs Slurm gave it
+    for n in ("n1", "n2"):
+        log = (run_dir / f"ray-{n}.log").read_text()
+        assert "--num-gpus=2" in log or "CUDA_VISIBLE_DEVICES=0,1" in log, log[-2000:]
+    assert "placement: 4 of 4 GPUs requested (colocated)" in driver_log, driver_log[-4000:]
+    # where every actor ran: policy ranks and the engine on node 0, critic on node 1
+    actors = json.loads((run_dir / "actors.json").read_text())
+    by = {(a["group"], a["rank"]): a for a in actors}
+    assert by[("rollout engine", 0)]["gpus"] == [[0, 0], [0, 1]]
+    assert [by[("policy", r)]["gpus"] for r in (0, 1)] == [[[0, 0]], [[0, 1]]]
+    assert [by[("critic", r)]["gpus"] for r in (0, 1)] == [[[1, 0]], [[1, 1]]]
+    assert by[("policy", 0)]["node"] == by[("rollout engine", 0)]["node"]
+    # colocated: the engine's two workers see the devices of policy ranks 0 and 1 (the same GPUs)
+    engine_devices = by[("rollout engine", 0)]["cuda_visible_devices"].split(",")
+    assert engine_devices == [by[("policy", r)]["cuda_visible_devices"] for r in (0, 1)], actors
+    tb = read_scalars(run_dir / "tensorboard")
+    steps = sorted({s for s, _ in tb["rollout/finished_count"]})
+    assert steps == [1, 2, 3, 4], steps
+    mism = dict(tb["rollout/logprob_mismatch_max"])
+    assert sorted(mism) == [2, 3, 4] and max(mism.values()) < 1e-4, mism
+    assert all(v > 0 for _, v in tb["perf/weight_sync_buckets"])
