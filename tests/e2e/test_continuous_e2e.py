@@ -6,7 +6,7 @@ Checks: every step generates exactly its budget (8 x 12 tokens: the prompt strea
 with no idle slot (one engine in lockstep: utilization 1.0); responses end at the length cap and
 their slots take new samples inside the step; trainer and rollout agree on the log-probs of
 tokens generated before and after a refill; every prompt is accounted for; and 2 steps +
-checkpoint + resume reach the same metrics as 4 straight steps.
+checkpoint + resume reach the same metrics as 4 straight steps; with two engines the budget holds over both.
 """
 import pytest
 
@@ -39,3 +39,13 @@ def test_e2e_continuous_resume_reaches_the_same_metrics(ray_cluster, tiny_model,
     resumed = read_scalars(resumed_dir / "tensorboard")
     assert_same_metrics(straight, resumed, (3, 4))
     assert dict(resumed["rollout/slot_utilization"])[4] == dict(straight["rollout/slot_utilization"])[4]
+
+
+def test_e2e_continuous_refill_two_engines(ray_cluster, tiny_model, tmp_path):
+    """Two engines, 4 slots and 48 tokens of budget each: the step's budget holds over both."""
+    cfg, tb = run_tiny(tmp_path, tiny_model, CONTINUOUS + ["rollout.num_engines=2"])
+    budget = cfg.rollout.num_slots * cfg.rollout.window_tokens
+    assert [v for _, v in tb["rollout/generated_tokens"]] == [budget] * 3
+    assert min(v for _, v in tb["rollout/slot_utilization"]) == 1.0
+    assert max(v for _, v in tb["rollout/logprob_mismatch_max"]) < 1e-4
+    assert_prompts_accounted(tmp_path, tb, cfg.rollout.samples_per_prompt)
