@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import sys
@@ -85,6 +86,13 @@ class GPU:
     """Assumed model-FLOPs utilization of training (forward + backward)."""
     decode_bw_efficiency: float = 0.70
     """Fraction of HBM bandwidth a decode iteration achieves."""
+    sync_nccl_gb_s: float = 25.0
+    """Weight sync over NCCL (GB/s of bf16 weights into every engine): an assumption between the
+    field's anchors for ~30B models (NeMo-RL 0.74-1.0 s over NCCL, about 65 GB/s; verl about
+    4.4 s, about 14 GB/s)."""
+    sync_gloo_gb_s: float = 2.0
+    """Weight sync over gloo, host-staged (colocated engines on GPU: NCCL allows one rank per GPU):
+    a TCP broadcast from each stage's sender, bounded by one host's network stack."""
 
     @property
     def usable_bytes(self) -> float:
@@ -320,19 +328,31 @@ def make_plan(cfg: TPPOConfig, nodes: int, gpus_per_node: int, gpu: GPU = GPU(),
     step_compute = 2 * n_policy * batch / (r.tensor_parallel * gpu.peak_tflops_bf16 * 1e12 * 0.5)
     t_iter = max(step_mem, step_compute)
     t_gen = slots_per_engine * r.window_tokens / batch * t_iter
-    total_t = t_gen + t_train
+    # weight sync (megatron_tppo.controller.weight_sync): each engine worker receives the whole
+    # model, stage after stage, from the stages' senders; one bf16 copy per sync
+    sync_bytes = n_policy * 2.0
+    transport = r.weight_transport if r.weight_transport in ("gloo", "nccl") else (
+        "gloo" if r.colocate or par.device == "cpu" else "nccl")
+    sync_bw = (gpu.sync_gloo_gb_s if transport == "gloo" else gpu.sync_nccl_gb_s) * 1e9
+    t_sync = sync_bytes / sync_bw
+    total_t = t_gen + t_train + t_sync
     lines += [f"time per step (roofline: MFU {gpu.train_mfu:g}, {peak / 1e12:g} TFLOP/s peak, HBM {gpu.hbm_tb_s:g} TB/s"
               f" x {gpu.decode_bw_efficiency:g}; generation upper bound: every slot fills its window):",
               f"  generation: {gen_tokens / 1e6:.1f}M tokens, {batch:.0f} running sequences per engine (avg context "
               f"{ctx:.0f}), {t_iter * 1e3:.1f} ms per decode iteration -> {t_gen:8.0f} s",
               f"  training  : policy {pol_flops / 1e15:.0f} PFLOP -> {t_pol:.0f} s, critic {cri_flops / 1e15:.0f} PFLOP -> "
               f"{t_cri:.0f} s (in parallel) -> {t_train:8.0f} s",
+              f"  weight sync: {sync_bytes / 1e9:.1f} GB (bf16) over {transport}"
+              + (" (host-staged: colocated engines share the senders' GPUs)" if transport == "gloo" and r.colocate else "")
+              + f" at {sync_bw / 1e9:g} GB/s (assumed; benchmarks/weight_sync.py measures this machine) -> "
+              f"{t_sync:8.1f} s",
               f"  step      : {total_t:.0f} s ({100 * t_gen / total_t:.0f}% generation, {100 * t_train / total_t:.0f}% "
-              f"training; weight sync not counted)"]
+              f"training, {100 * t_sync / total_t:.1f}% weight sync)"]
     numbers = dict(gpus=total, gpus_used=needed, policy_train_peak_gib=pm.train_peak / GiB,
                    critic_train_peak_gib=cm.train_peak / GiB, policy_static_gib=pm.static / GiB,
                    vllm_weights_gib=vllm_w / GiB, kv_cache_gib=kv_bytes / GiB, kv_tokens_per_engine=kv_capacity_tokens,
-                   generation_peak_gib=gen_peak / GiB, gen_s=t_gen, train_s=t_train, step_s=total_t,
+                   generation_peak_gib=gen_peak / GiB, gen_s=t_gen, train_s=t_train, sync_s=t_sync,
+                   sync_gb=sync_bytes / 1e9, step_s=total_t,
                    params=float(n_policy))
     if fit_errors:
         raise PlanError("layout does not fit in GPU memory:\n  " + "\n  ".join(fit_errors)
@@ -347,6 +367,9 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
                    help="scale data-parallel sizes and vLLM engines to the cluster (prints the overrides)")
     p.add_argument("--prompt-tokens", type=int, default=1024, help="prompt length bound for KV/time (default 1024)")
     p.add_argument("--gpu-memory-gib", type=float, default=GPU.memory_gib, help="GPU memory (default H100 80 GB)")
+    p.add_argument("--sync-gb-s", type=float, default=None,
+                   help="weight-sync bandwidth in GB/s for the step estimate (default: the GPU model's "
+                        "assumption for the chosen transport; put a measured number here)")
     p.add_argument("--json", action="store_true",
                    help="print the plan as JSON: gpus_requested, gpus_available, every group's bundles, numbers")
 
@@ -362,7 +385,10 @@ def run_plan(cfg: TPPOConfig, args: argparse.Namespace, out=None) -> int:
             over = fill_layout(cfg, args.nodes * args.gpus_per_node)
             cfg.validate()
             print("layout filled to the cluster; pass these overrides: " + " ".join(over), file=out)
-        plan = make_plan(cfg, args.nodes, args.gpus_per_node, GPU(memory_gib=args.gpu_memory_gib),
+        gpu = GPU(memory_gib=args.gpu_memory_gib)
+        if getattr(args, "sync_gb_s", None):
+            gpu = dataclasses.replace(gpu, sync_nccl_gb_s=args.sync_gb_s, sync_gloo_gb_s=args.sync_gb_s)
+        plan = make_plan(cfg, args.nodes, args.gpus_per_node, gpu,
                          prompt_tokens=args.prompt_tokens)
     except (PlanError, ConfigError) as err:
         print(f"plan refused: {err}", file=sys.stderr)

@@ -85,7 +85,10 @@ def test_small_layout_fits_and_splits_time():
     kv = 0.8 * 79.6 * GiB - N * 2 / 2 - 2 * GiB
     assert n["kv_cache_gib"] == pytest.approx(kv / GiB)
     assert n["kv_tokens_per_engine"] == pytest.approx(kv / (2 * 16 * 2 * 128 * 2))
-    assert n["gen_s"] > 0 and n["train_s"] > 0 and n["step_s"] == pytest.approx(n["gen_s"] + n["train_s"])
+    assert n["gen_s"] > 0 and n["train_s"] > 0 and n["step_s"] == pytest.approx(n["gen_s"] + n["train_s"] + n["sync_s"])
+    # sync: one bf16 copy of the policy into the engines; not colocated on GPU -> NCCL at its assumed rate
+    assert n["sync_gb"] == pytest.approx(N * 2 / 1e9)
+    assert n["sync_s"] == pytest.approx(N * 2 / (P.GPU().sync_nccl_gb_s * 1e9))
     text = "\n".join(pl.lines)
     assert "policy : TP2 x PP1 x DP1" in text and "vLLM   : 2 engine(s) x TP2" in text and "on their own GPUs" in text
 
