@@ -53,6 +53,25 @@ args=(--block --disable-usage-stats --temp-dir="$tmp_dir"
       --node-manager-port="$nm_port" --object-manager-port="$om_port"
       --dashboard-agent-listen-port="$agent_http" --dashboard-agent-grpc-port="$agent_grpc"
       --runtime-env-agent-port="$env_agent" --metrics-export-port="$metrics")
+# TPPO_IFACE (e.g. ib0): this node's address on that interface, so that Ray, and with it the
+# weight-transfer groups (they rendezvous on Ray's node address), use the fast fabric and not a
+# management network; NCCL and gloo open their sockets on it too.
+if [[ -n "${TPPO_IFACE:-}" && -z "${TPPO_NODE_IP:-}" ]]; then
+    TPPO_NODE_IP=$("$py" -m megatron_tppo.netinfo ip --iface "$TPPO_IFACE") || exit 2
+    export NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-$TPPO_IFACE}" GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-$TPPO_IFACE}"
+fi
+# Ray's object store lives in /dev/shm (a smaller one spills to disk and crawls): size it
+# explicitly (TPPO_OBJECT_STORE_GB, default 30% of the node's memory as Ray would pick) and refuse
+# a size /dev/shm cannot hold, before Ray starts.
+shm_free=$("$py" -m megatron_tppo.netinfo shm)
+store=$("$py" -c 'import os, sys; gb = sys.argv[1]; mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+print(int(float(gb) * 2**30) if gb else int(0.3 * mem))' "${TPPO_OBJECT_STORE_GB:-}")
+if (( store > shm_free * 9 / 10 )); then
+    echo "${tag} object store of $((store >> 20)) MiB does not fit /dev/shm ($((shm_free >> 20)) MiB free):" \
+         "set TPPO_OBJECT_STORE_GB lower or enlarge /dev/shm" >&2
+    exit 2
+fi
+args+=(--object-store-memory="$store")
 if [[ "$role" == head ]]; then
     ip=${TPPO_NODE_IP:-$head_ip}
     args+=(--head --node-ip-address="$ip" --port="$gcs_port" --ray-client-server-port="$client_port"
@@ -69,7 +88,8 @@ if [[ -n "${CUDA_VISIBLE_DEVICES:-}" && "${CUDA_VISIBLE_DEVICES}" != "NoDevFiles
     args+=(--num-gpus="${#visible[@]}")
 fi
 echo "${tag} ${role} raylet ${ip}:${nm_port} (slurm node ${node}, job ${SLURM_JOB_ID:-?}, GCS ${head_ip}:${gcs_port}," \
-     "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-none}, temp ${tmp_dir})"
+     "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-none}, object store $((store >> 20)) MiB of" \
+     "$((shm_free >> 20)) MiB free in /dev/shm, temp ${tmp_dir})"
 
 # ray in the background so that this script can clean up after it; SIGTERM from srun is passed on
 "$ray_bin" start "${args[@]}" &

@@ -29,7 +29,9 @@
 # Environment knobs: TPPO_PYTHON (python of the project's venv; default python3), TPPO_RAY (ray
 # CLI; default: next to TPPO_PYTHON, else on PATH), TPPO_ROOT (repo root; default the submit
 # dir), TPPO_RAY_WAIT_S (cluster start timeout, default 600), TPPO_NODE_IP (see ray_node.sh),
-# TPPO_RAY_AUTH=disabled (turn Ray token auth off; default a fresh per-job token, kept 0600 in
+# TPPO_IFACE (network interface for Ray and the weight transfer, e.g. ib0; its address becomes
+# every node's Ray address), TPPO_OBJECT_STORE_GB (Ray object store per node; checked against
+# /dev/shm), TPPO_RAY_AUTH=disabled (turn Ray token auth off; default a fresh per-job token, kept 0600 in
 # the run dir, so nobody else on the network can submit work to this job's Ray).
 #
 #SBATCH --job-name=tppo-32b
@@ -37,6 +39,7 @@
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
 #SBATCH --exclusive
+#SBATCH --mem=0
 #SBATCH --time=48:00:00
 #SBATCH --signal=B:USR1@900
 #SBATCH --output=runs/%x-%j.out
@@ -44,7 +47,8 @@
 #SBATCH --requeue
 # --signal=B:USR1@900: Slurm sends SIGUSR1 to this script 15 minutes before the time limit; the
 # trap below forwards it to the driver, which has time to write a checkpoint.
-# --exclusive: whole nodes (all CPUs and host memory for vLLM/Megatron); --ntasks-per-node=1:
+# --exclusive --mem=0: whole nodes (all CPUs and host memory: trainers offload to it while vLLM
+# generates); --ntasks-per-node=1:
 # one Ray node per Slurm node, Ray schedules GPUs inside it. On CPU-only (emulated) nodes
 # override: sbatch --gpus-per-node=0 (or --gres=none) ... .
 set -euo pipefail
@@ -121,6 +125,9 @@ if ip.startswith("127."):
 print(ip)
 EOF
 }
+if [[ -n "${TPPO_IFACE:-}" && -z "${TPPO_NODE_IP:-}" ]]; then  # the head's address on the fast fabric
+    TPPO_NODE_IP=$("$py" -m megatron_tppo.netinfo ip --iface "$TPPO_IFACE")
+fi
 head_ip=${TPPO_NODE_IP:-$(node_ip)}
 gcs_port=$("$py" - "$job_id" <<'EOF'
 import socket, sys
@@ -183,8 +190,11 @@ trap 'forward USR1' USR1
 
 start_node() {  # role node: one background srun step, pid recorded
     local role=$1 node=$2
-    # --overlap: the Ray steps and the driver share the allocation's CPUs/GPUs (Ray schedules them)
-    srun --nodes=1 --ntasks=1 -w "$node" --overlap --kill-on-bad-exit=0 \
+    # --overlap: the Ray steps and the driver share the allocation's CPUs/GPUs (Ray schedules them);
+    # each Ray step asks for its node's GPUs explicitly, so Slurm sets its CUDA_VISIBLE_DEVICES
+    local gpus=()
+    if [[ "${gpus_per_node:-0}" -gt 0 ]]; then gpus=(--gpus-per-node="$gpus_per_node"); fi
+    srun --nodes=1 --ntasks=1 -w "$node" --overlap --kill-on-bad-exit=0 "${gpus[@]}" \
         bash "$root/slurm/ray_node.sh" "$role" "$head_ip" "$gcs_port" >"$run_dir/ray-${node}.log" 2>&1 &
     ray_pids+=("$!")
     log "started Ray ${role} on ${node} (srun pid $!, log ${run_dir}/ray-${node}.log)"

@@ -140,7 +140,8 @@ def test_sbatch_rehearsal_of_the_32b_shape(slurm_cluster, tiny_model, tmp_path):
     # each Ray node declared the 2 GPUs Slurm gave it
     for n in ("n1", "n2"):
         log = (run_dir / f"ray-{n}.log").read_text()
-        assert "--num-gpus=2" in log or "CUDA_VISIBLE_DEVICES=0,1" in log, log[-2000:]
+        assert "CUDA_VISIBLE_DEVICES=0,1, object store" in log and "MiB free in /dev/shm" in log, log[-2000:]
+    assert "CPU=2 GPU=2" in out, out[-3000:]  # both Ray nodes declared their 2 GPUs
     assert "placement: 4 of 4 GPUs requested (colocated)" in driver_log, driver_log[-4000:]
     # where every actor ran: policy ranks and the engine on node 0, critic on node 1
     actors = json.loads((run_dir / "actors.json").read_text())
