@@ -187,6 +187,19 @@ def trainer_memory(m: ModelConfig, lay: LayoutConfig, value_head: bool = False) 
                          acts, logits)
 
 
+def checkpoint_bytes(m: ModelConfig, keep_last: int) -> dict:
+    """Disk bytes of one run checkpoint (torch_dist, with optimizer states) and what ``keep_last``
+    needs. Per parameter: the weights (params_dtype) + fp32 master copy (none when the weights are
+    fp32) + Adam's two fp32 moments, for the policy and the critic (value head). A save writes the
+    new checkpoint before it removes the oldest, so the disk peaks at ``keep_last + 1`` of them."""
+    wb = weight_bytes_per_param(m)
+    per_param = wb + (4 if wb != 4 else 0) + 8
+    policy, critic = model_params(m) * per_param, model_params(m, value_head=True) * per_param
+    one = float(policy + critic)
+    return dict(bytes_per_param=per_param, policy=float(policy), critic=float(critic), checkpoint=one,
+                kept=one * keep_last, peak=one * (keep_last + 1))
+
+
 # --------------------------------------------------------------------------------------------
 # The plan
 # --------------------------------------------------------------------------------------------
@@ -348,7 +361,13 @@ def make_plan(cfg: TPPOConfig, nodes: int, gpus_per_node: int, gpu: GPU = GPU(),
               f"{t_sync:8.1f} s",
               f"  step      : {total_t:.0f} s ({100 * t_gen / total_t:.0f}% generation, {100 * t_train / total_t:.0f}% "
               f"training, {100 * t_sync / total_t:.1f}% weight sync)"]
-    numbers = dict(gpus=total, gpus_used=needed, policy_train_peak_gib=pm.train_peak / GiB,
+    ck = checkpoint_bytes(m, cfg.checkpoint.keep_last)
+    lines.append(f"checkpoint: policy {ck['policy'] / 1e9:.0f} GB + critic {ck['critic'] / 1e9:.0f} GB = "
+                 f"{ck['checkpoint'] / 1e12:.2f} TB each ({ck['bytes_per_param']} B/param: weights, fp32 master, "
+                 f"2 Adam moments); keep_last={cfg.checkpoint.keep_last} keeps {ck['kept'] / 1e12:.2f} TB, "
+                 f"{ck['peak'] / 1e12:.2f} TB on disk while a save is written")
+    numbers = dict(gpus=total, gpus_used=needed, checkpoint_tb=ck["checkpoint"] / 1e12,
+                   checkpoint_disk_peak_tb=ck["peak"] / 1e12, policy_train_peak_gib=pm.train_peak / GiB,
                    critic_train_peak_gib=cm.train_peak / GiB, policy_static_gib=pm.static / GiB,
                    vllm_weights_gib=vllm_w / GiB, kv_cache_gib=kv_bytes / GiB, kv_tokens_per_engine=kv_capacity_tokens,
                    generation_peak_gib=gen_peak / GiB, gen_s=t_gen, train_s=t_train, sync_s=t_sync,

@@ -146,3 +146,24 @@ def test_train_dry_run_prints_the_plan(capsys):
     out = capsys.readouterr().out
     assert "num_slots: 8192" in out and "policy : TP8 x PP2 x DP1 = 16 GPUs" in out
     assert main(["--config", RECIPE, "--dry-run", "--nodes", "1"]) == 3
+
+
+def test_checkpoint_size_and_keep_last_disk_by_hand():
+    m = cfg().model  # bf16: 2 (weights) + 4 (fp32 master) + 4 + 4 (Adam moments) = 14 B/param
+    ck = P.checkpoint_bytes(m, keep_last=2)
+    critic = N - EMB + 2048  # the output layer replaced by a value head of h
+    assert ck["bytes_per_param"] == 14
+    assert ck["policy"] == 14 * N and ck["critic"] == 14 * critic
+    assert ck["checkpoint"] == 14 * (N + critic)
+    assert ck["kept"] == 2 * ck["checkpoint"] and ck["peak"] == 3 * ck["checkpoint"]
+    fp32 = P.checkpoint_bytes(cfg("model.params_dtype=fp32").model, keep_last=1)
+    assert fp32["bytes_per_param"] == 12 and fp32["peak"] == 2 * fp32["checkpoint"]
+
+
+def test_checkpoint_size_of_the_32b_recipe_is_about_0_9_tb():
+    c = load_config(RECIPE, [])
+    ck = P.checkpoint_bytes(c.model, c.checkpoint.keep_last)
+    assert 0.85e12 < ck["checkpoint"] < 0.95e12  # 32.8B policy + ~31.5B critic at 14 B/param
+    plan = P.make_plan(c, nodes=4, gpus_per_node=8)
+    assert any(line.startswith("checkpoint: policy ") and "keep_last=2" in line for line in plan.lines)
+    assert plan.numbers["checkpoint_disk_peak_tb"] == pytest.approx(3 * ck["checkpoint"] / 1e12)
