@@ -44,8 +44,19 @@ def save_checkpoint(engine, ckpt_dir: str, with_optimizer: bool = True) -> None:
         _prime_optimizer_state(engine.optimizer)
         state["optimizer"] = engine.optimizer.sharded_state_dict(model_sd, metadata=_OPT_METADATA)
         state["scheduler"] = engine.scheduler.state_dict()
-    dist_checkpointing.save(state, ckpt_dir, sharded_strategy=("torch_dist", 1))
+    dist_checkpointing.save(state, ckpt_dir, sharded_strategy=_fully_parallel_save_strategy())
     dist.barrier()
+
+
+def _fully_parallel_save_strategy():
+    """torch_dist, with each replicated shard written once by one of its holders, chosen to
+    spread the bytes evenly over the ranks (megatron-core's FullyParallelSaveStrategyWrapper;
+    only metadata is exchanged). Without it the first replica (DP rank 0) writes every
+    replicated tensor while the other DP ranks idle."""
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy("torch_dist", 1))
 
 
 def _prime_optimizer_state(optimizer) -> None:
