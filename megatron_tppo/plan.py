@@ -424,7 +424,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--config", help="YAML config file")
     add_plan_args(p)
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.add_argument("--compare-modes", action="store_true", help="wall-clock per 1,000 finished responses of PPO, "
+                   "T-PPO and continuous T-PPO at 4, 8, 16 nodes (megatron_tppo/projection.py; default config: "
+                   "examples/qwen2.5_32b/tppo.yaml)")
     args = p.parse_args(argv)
+    if args.compare_modes:
+        from megatron_tppo.projection import report
+
+        print(report(load_config(args.config or "examples/qwen2.5_32b/tppo.yaml", args.overrides)))
+        return 0
     if args.nodes is None:
         p.error("--nodes is required")
     try:
