@@ -98,8 +98,9 @@ def preflight(cfg: TPPOConfig) -> Path:
 
 
 def _install_stop_signals() -> list:
-    """SIGTERM (scancel) and SIGUSR1 (Slurm's warning before the time limit) end the run after the
-    current step instead of killing it mid-update; the returned list holds the signal's name."""
+    """SIGTERM (scancel) and SIGUSR1 (Slurm's warning before the time limit) end the run at the next
+    phase boundary (after generation, after the updates, after the step) with a checkpoint instead
+    of killing it mid-update; the returned list holds the signal's name."""
     import signal
 
     got: list = []
@@ -111,6 +112,25 @@ def _install_stop_signals() -> list:
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, handler)
     return got
+
+
+def _stop_check(stop: list, out: Path, step: int):
+    """``stop_requested(phase)`` for :meth:`TPPOLoop.step`: has a stop signal arrived?
+
+    Test hook (``TPPO_TEST_HOLD_AT=<phase>:<step>``, e.g. ``generation:2``): at that phase of that
+    (1-based) step, write ``<output_dir>/held_<phase>_<step>`` and wait for the signal, so that a
+    test's signal lands inside the phase deterministically."""
+    hold = os.environ.get("TPPO_TEST_HOLD_AT")
+
+    def stop_requested(phase: str) -> bool:
+        if hold == f"{phase}:{step + 1}":
+            (out / f"held_{phase}_{step + 1}").write_text("waiting for a signal")
+            deadline = time.monotonic() + 300
+            while not stop and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return bool(stop)
+
+    return stop_requested
 
 
 class CheckpointCadence:
@@ -199,6 +219,7 @@ def run(cfg: TPPOConfig) -> dict:
     logger = MetricsLogger(out, enabled=cfg.logging.tensorboard)
     print(f"[tppo] TensorBoard events: {logger.log_dir.resolve()}", flush=True)
     started = cluster.connect(cfg.parallel.ray_address, num_gpus=cfg.parallel.local_gpus)
+    print(f"[tppo] Ray: {cluster.describe(started)}", flush=True)
     groups: list = []
     try:
         t0 = time.perf_counter()
@@ -242,10 +263,17 @@ def run(cfg: TPPOConfig) -> dict:
         cadence = CheckpointCadence(cfg.checkpoint.save_every, cfg.checkpoint.save_every_s)
         deadline = time.monotonic() + cfg.time_budget_s if cfg.time_budget_s > 0 else float("inf")
         for step in bar:
-            metrics = loop.step(step)
+            metrics = loop.step(step, _stop_check(stop, out, step))
+            if loop.stopped_after == "generation":  # the step was undone: save the state before it
+                if step > start or start == 0:  # (resumed at `start`: its checkpoint holds that state)
+                    run_checkpoint.save(ckpt_root, step, loop, cfg.checkpoint.keep_last)
+                bar.write(f"[tppo] {stop[0]} received during step {step + 1}'s generation: checkpointed "
+                          f"step {step} and stopping (a resumed run regenerates step {step + 1})")
+                break
             out_of_time = time.monotonic() >= deadline
             last = step + 1 == cfg.steps or out_of_time
-            if task.eval_prompts and cfg.data.eval_every > 0 and ((step + 1) % cfg.data.eval_every == 0 or last):
+            evaluate = cfg.data.eval_every > 0 and ((step + 1) % cfg.data.eval_every == 0 or last)
+            if task.eval_prompts and evaluate and loop.stopped_after is None:
                 metrics.update(loop.evaluate())
             logger.log(step + 1, metrics)
             bar.write(summary_line(step + 1, metrics))
@@ -258,7 +286,8 @@ def run(cfg: TPPOConfig) -> dict:
             metrics["perf/checkpoint_s"] = waited
             logger.log(step + 1, {"perf/checkpoint_s": waited})
             if stop:
-                bar.write(f"[tppo] {stop[0]} received: checkpointed and stopping after step {step + 1}")
+                phase = " (after its updates, before the sync)" if loop.stopped_after else ""
+                bar.write(f"[tppo] {stop[0]} received: checkpointed and stopping after step {step + 1}{phase}")
                 break
             if out_of_time:
                 bar.write(f"[tppo] time_budget_s={cfg.time_budget_s:g} used up: stopping after step {step + 1}")

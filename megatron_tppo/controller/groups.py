@@ -105,7 +105,14 @@ class TrainerGroup:
         return [item for part in self._all("full_weights", dtype) for item in part if item is not None]
 
     def save(self, path: str, with_optimizer: bool = True) -> None:
-        self._all("save", path, with_optimizer)
+        self.wait_save(self.save_async(path, with_optimizer))
+
+    def save_async(self, path: str, with_optimizer: bool = True) -> list:
+        """Start a torch_dist save on every rank (so another group can save at the same time)."""
+        return [w.save.remote(path, with_optimizer) for w in self.workers]
+
+    def wait_save(self, refs: list) -> None:
+        _get(refs, f"{self.name}.save", who=self.who)
 
     def load(self, path: str, with_optimizer: bool = True) -> None:
         self._all("load", path, with_optimizer)

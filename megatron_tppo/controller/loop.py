@@ -64,6 +64,8 @@ class TPPOLoop:
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
         self.colocation = Colocation(r.colocate, policy, critic, rollout)
+        self.stopped_after: Optional[str] = None
+        """The phase after which the last :meth:`step` stopped for a signal, or None."""
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict:
@@ -78,12 +80,31 @@ class TPPOLoop:
         self.pool.load_state_dict(state["pool"])
 
     # ------------------------------------------------------------------ one step
-    def step(self, step: int) -> dict:
+    def step(self, step: int, stop_requested: Optional[Callable[[str], bool]] = None) -> dict:
+        """Run step ``step`` (0-based). ``stop_requested(phase)`` is asked after generation
+        (``"generation"``) and after the updates (``"updates"``); ``self.stopped_after`` says which
+        phase a stop cut the step after (None: the step ran whole).
+
+        Stopped after generation: the step is undone. The pool and the prompt stream go back to
+        their state before it (the models have not moved), so a checkpoint now is the one of the
+        previous step, and a resumed run regenerates the same tokens (generation is seeded per step
+        and request). That re-spends the window's generation time (about 1.5 h at 32B) but saves
+        right away, where Slurm's warning leaves minutes and the updates would take many more.
+        Stopped after the updates: the sync and the rest are skipped (the resumed run syncs first).
+        """
         cfg, m, t_step = self.cfg, {}, time.perf_counter()
+        self.stopped_after = None
+        before = (self.task.prompts.state_dict(), self.state_dict()) if stop_requested is not None else None
         batch, m["perf/generate_s"] = self._timed(self.generate_window, step)
+        will_sync = step >= cfg.algorithm.critic_warmup_steps  # the policy moves from this step on
+        if stop_requested is not None and stop_requested("generation"):
+            self.task.prompts.load_state_dict(before[0])  # (the order run_checkpoint.load uses)
+            self.load_state_dict(before[1])
+            self.colocation.for_training(keep_weights=True)  # trainers back on the GPU for the save
+            self.stopped_after = "generation"
+            return {"perf/generate_s": m["perf/generate_s"]}
         gen_tokens = sum(s.end - s.start for s in batch.segments)
         m["perf/generated_tokens_per_s"] = gen_tokens / max(m["perf/generate_s"], 1e-9)
-        will_sync = step >= cfg.algorithm.critic_warmup_steps  # the policy moves from this step on
         self.colocation.for_training(keep_weights=not will_sync)  # engines sleep, trainers back on the GPU
 
         values_ref, t0 = self.critic.forward_async(self._context_batch(batch)), time.perf_counter()
@@ -104,6 +125,13 @@ class TPPOLoop:
             m.update(self.finish_policy_update(*policy_job))
         m["perf/train_s"] = time.perf_counter() - t0
         self._check_nonfinite(m)
+        if stop_requested is not None and stop_requested("updates"):
+            self.stopped_after = "updates"  # no sync: the checkpoint holds the new weights
+            m.update(self.rollout_metrics(batch, gen_tokens))
+            if cfg.logging.rollout_dump:
+                self.dump_finished(step + 1, batch)
+            m["perf/step_s"] = time.perf_counter() - t_step
+            return m
         if will_sync:  # (also after an update-less step: a sleeping engine dropped its weights)
             m.update(self.sync_weights())  # hands the GPUs over for the sync first (colocated)
         self.colocation.for_generation()  # trainers off the GPU, engines wake their KV cache

@@ -53,6 +53,15 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
     return None
 
 
+def _gpus_shared(loop) -> bool:
+    """Do the policy and critic share a GPU (so saving both at once would onload both on it)?
+    Never on CPU; on the 32B layout each owns its GPUs and both save at once."""
+    if getattr(loop.cfg.parallel, "device", "auto") == "cpu":
+        return False
+    gpus = [{tuple(g) for w in (grp.where or []) for g in w.get("gpus", [])} for grp in (loop.policy, loop.critic)]
+    return bool(gpus[0] & gpus[1])
+
+
 def save(root: Path, step: int, loop, keep_last: int) -> Path:
     """Write checkpoint ``step`` atomically (collective over the trainer groups)."""
     t0 = time.perf_counter()
@@ -61,8 +70,13 @@ def save(root: Path, step: int, loop, keep_last: int) -> Path:
         shutil.rmtree(stale, ignore_errors=True)
     tmp, final = root / f".{_PREFIX}{step:08d}.tmp", root / f"{_PREFIX}{step:08d}"
     tmp.mkdir()
-    loop.policy.save(str(tmp / "policy"))
-    loop.critic.save(str(tmp / "critic"))
+    if _gpus_shared(loop):  # one trainer onloaded at a time next to the engine's memory
+        loop.policy.save(str(tmp / "policy"))
+        loop.critic.save(str(tmp / "critic"))
+    else:  # policy and critic write at the same time
+        refs = loop.policy.save_async(str(tmp / "policy")), loop.critic.save_async(str(tmp / "critic"))
+        loop.policy.wait_save(refs[0])
+        loop.critic.wait_save(refs[1])
     state = {"step": step, "loop": loop.state_dict(), "prompts": loop.task.prompts.state_dict(),
              "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}}
     torch.save(state, tmp / "run_state.pt")

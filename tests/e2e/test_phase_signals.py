@@ -1,0 +1,41 @@
+"""A stop signal acted on between phases, not only at the end of a step (driver process, real run).
+
+``TPPO_TEST_HOLD_AT=<phase>:<step>`` makes the driver wait at that phase boundary until the signal
+has arrived (it writes ``held_<phase>_<step>`` first), so the signal lands inside the phase
+deterministically:
+* during step 2's generation: the step is undone, step 1's state is checkpointed before any update,
+  and the resumed run (which regenerates step 2) matches the uninterrupted one;
+* after step 2's updates: the sync and evaluation are skipped, step 2 is checkpointed, same result.
+"""
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from tests.e2e.conftest import RESUME_COMMON, run_tiny
+from tests.e2e.test_faults import assert_same_metrics
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("phase,saved", [("generation", 1), ("updates", 2)])
+def test_signal_between_phases_checkpoints_and_resumes(straight_run, driver, tiny_model, tmp_path, monkeypatch,
+                                                       phase, saved):
+    _, straight = straight_run
+    monkeypatch.setenv("TPPO_TEST_HOLD_AT", f"{phase}:2")
+    d = driver(tmp_path, RESUME_COMMON)  # save_every=0: only the signal makes it checkpoint
+    d.wait_for(tmp_path / f"held_{phase}_2")
+    d.signal(signal.SIGUSR1)
+    assert d.wait(timeout_s=300) == 0, d.log()
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
+    assert ckpts == [f"step_{saved:08d}"], d.log()
+    log = d.log()
+    if phase == "generation":
+        assert "SIGUSR1 received during step 2's generation: checkpointed step 1" in log, log
+        assert not (tmp_path / "rollouts" / "step_00000002.jsonl").exists()  # step 2 never trained
+    else:
+        assert "stopping after step 2 (after its updates, before the sync)" in log, log
+    monkeypatch.delenv("TPPO_TEST_HOLD_AT")
+    _, resumed = run_tiny(tmp_path, tiny_model, RESUME_COMMON + ["checkpoint.resume=true"])
+    assert_same_metrics(straight, resumed, range(saved + 1, 5))
