@@ -275,6 +275,8 @@ def run(cfg: TPPOConfig) -> dict:
             evaluate = cfg.data.eval_every > 0 and ((step + 1) % cfg.data.eval_every == 0 or last)
             if task.eval_prompts and evaluate and loop.stopped_after is None:
                 metrics.update(loop.evaluate())
+                if cfg.time_budget_excludes_eval:  # training time only: move the deadline past the evaluation
+                    deadline += metrics["perf/eval_s"]
             logger.log(step + 1, metrics)
             bar.write(summary_line(step + 1, metrics))
             waited = 0.0  # perf/checkpoint_s: what this step waited for its checkpoint (0 without one)

@@ -46,6 +46,16 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, num_g
     return True
 
 
+def describe(started: bool) -> str:
+    """One line: which cluster this process is on, its nodes and resources."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    res = ray.cluster_resources()
+    how = "started a local cluster" if started else f"joined {ray.get_runtime_context().gcs_address}"
+    return f"{how}: {len(nodes)} node(s), {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs"
+
+
 def shutdown(started: bool) -> None:
     """Disconnect; stops the cluster only when this process started it."""
     import ray

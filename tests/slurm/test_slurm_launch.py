@@ -22,7 +22,7 @@ from tests.conftest import TINY_MODEL
 from tests.slurm.local_slurm import LocalSlurm, missing_binaries
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPTS = [ROOT / "slurm" / "tppo_32b.sh", ROOT / "slurm" / "ray_node.sh"]
+SCRIPTS = [ROOT / "slurm" / "tppo_32b.sh", ROOT / "slurm" / "ray_node.sh", ROOT / "slurm" / "smoke.sh"]
 
 
 def test_scripts_pass_shellcheck():
@@ -100,7 +100,7 @@ def test_sbatch_two_nodes_tiny_run_requeued_resumes(slurm_cluster, tiny_model, t
     for m in (m_head, m_worker):
         assert f"raylet {m.group(1)}:{m.group(2)} " in out, out
     assert re.search(r"driver on n1 \(restart 0\): .*parallel\.ray_address=\S+:\d+", out)
-    assert "Connected to Ray cluster" in out or "Connecting to existing Ray cluster" in out
+    assert re.search(r"\[tppo\] Ray: joined \S+:\d+: 2 node\(s\)", out), out[-4000:]
     # the steps were stopped by the script, and cleaned up after themselves
     assert "[ray-node n1] head stopped" in head and "[ray-node n2] worker stopped" in worker
     assert not list(Path("/tmp").glob(f"ray-{job}-n*"))
@@ -159,3 +159,22 @@ def test_sbatch_rehearsal_of_the_32b_shape(slurm_cluster, tiny_model, tmp_path):
     mism = dict(tb["rollout/logprob_mismatch_max"])
     assert sorted(mism) == [2, 3, 4] and max(mism.values()) < 1e-4, mism
     assert all(v > 0 for _, v in tb["perf/weight_sync_buckets"])
+
+
+@pytest.mark.slow
+def test_sbatch_smoke_on_a_two_gpu_node(slurm_cluster, tiny_model, tmp_path):
+    """`sbatch slurm/smoke.sh` on one node with two gres GPUs: the tiny model through the loop,
+    a checkpoint and a resume; the report passes every check and lands in Slurm's output."""
+    out = tmp_path / "smoke"
+    small = ["rollout.num_slots=8", "rollout.samples_per_prompt=4", "rollout.window_tokens=12",
+             "rollout.max_response_tokens=30", "algorithm.truncated_tail_ignore=2", "parallel.threads_per_worker=1"]
+    env = {"TPPO_PYTHON": sys.executable, "TPPO_SMOKE_OUT": str(out),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    job = slurm_cluster.sbatch(["--nodes=1", "--gpus-per-node=2", "--time=20", f"--output={tmp_path}/slurm-%j.out",
+                                str(ROOT / "slurm" / "smoke.sh"), str(tiny_model), *TINY_MODEL, *small],
+                               cwd=ROOT, env=env)
+    info = slurm_cluster.wait_job(job, timeout_s=400)
+    slurm_out = (tmp_path / f"slurm-{job}.out").read_text() if (tmp_path / f"slurm-{job}.out").exists() else ""
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info.get('JobState')}\n{slurm_out[-5000:]}"
+    assert "T-PPO smoke test: PASS (7/7)" in slurm_out, slurm_out[-3000:]
+    assert "placement: 2 of 2 GPUs requested" in (out / "smoke_part1.log").read_text()
