@@ -80,7 +80,10 @@ def test_signal_checkpoints_and_exits_then_resumes(straight_run, driver, tiny_mo
     assert len(ckpts) == 1 and (ckpts[0] / "COMPLETE").is_file(), d.log()
     stopped_at = int(ckpts[0].name.split("_")[1])
     assert 1 <= stopped_at < 4
-    assert f"{sig.name} received: checkpointed and stopping after step {stopped_at}" in d.log()
+    # the signal lands after a step or between its phases (test_phase_signals.py pins each phase)
+    assert (f"{sig.name} received: checkpointed and stopping after step {stopped_at}" in d.log()
+            or f"{sig.name} received during step {stopped_at + 1}'s generation: checkpointed step {stopped_at}"
+            in d.log()), d.log()
     _, resumed = run_tiny(tmp_path, tiny_model, RESUME_COMMON + ["checkpoint.resume=true"])
     assert_same_metrics(straight, resumed, range(stopped_at + 1, 5))
 
