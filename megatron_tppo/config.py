@@ -207,6 +207,24 @@ class RolloutConfig:
     buffers (engines on GPUs of their own). ipc (CUDA IPC for colocated engines) is not implemented."""
     logprobs_mode: Literal["processed", "raw"] = "processed"
     """Behaviour log-probs: of the sampling distribution (after temperature/top-p), or raw temperature 1."""
+    enforce_eager: Optional[bool] = None
+    """vLLM without CUDA graphs. None: True on CPU (no graphs there), False on GPU (decode replays
+    captured graphs; the capture costs start-up time and its memory pool, which vLLM's sleep mode
+    neither frees nor re-captures: graphs stay valid because weights and KV cache wake at the same
+    addresses). True on GPU trades decode speed for that memory and a faster start."""
+    max_num_seqs: Optional[int] = None
+    """Most sequences one vLLM engine batches at once. None: the slots it serves,
+    ceil(num_slots / num_engines) (its share, for both refill modes). A smaller value is a
+    configuration error: the engine would queue its own slots and the window would take waves."""
+    seeded: Optional[bool] = None
+    """Seed every request (reproducible generation: a resumed run regenerates the same tokens).
+    None: True on CPU, False on GPU, where a per-request torch.Generator makes vLLM's sampler
+    draw that row's noise in its own kernel (a Python loop over seeded rows each decode step) and
+    skip the FlashInfer top-p/top-k kernel (vllm/v1/sample/ops/topk_topp_sampler.py)."""
+
+    def slots_per_engine(self) -> int:
+        """Slots one engine serves: ceil(num_slots / num_engines) (controller/continuous.py shares)."""
+        return -(-self.num_slots // self.num_engines)
 
 
 @dataclass
@@ -344,6 +362,9 @@ class TPPOConfig:
     time_budget_s: float = 0.0
     """Wall-clock budget of the training loop in seconds (0: none). The step during which it runs
     out is the last: evaluated and checkpointed like a final step (a resumed run gets a new budget)."""
+    time_budget_excludes_eval: bool = False
+    """Do not count held-out evaluations against ``time_budget_s`` (the deadline moves by each
+    evaluation's duration): the budget is then training time only (benchmarks/tppo_vs_ppo.py)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Model architecture."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -450,6 +471,10 @@ class TPPOConfig:
         check(r.tensor_parallel >= 1 and r.num_engines >= 1, "rollout.tensor_parallel",
               "rollout.tensor_parallel and rollout.num_engines must be >= 1")
         check(r.weight_sync_bucket_mb >= 1, "rollout.weight_sync_bucket_mb", "must be >= 1")
+        if r.max_num_seqs is not None and r.num_engines >= 1:
+            check(r.max_num_seqs >= r.slots_per_engine(), "rollout.max_num_seqs",
+                  f"{r.max_num_seqs} is below the slots each engine serves: ceil(rollout.num_slots={r.num_slots} / "
+                  f"rollout.num_engines={r.num_engines}) = {r.slots_per_engine()}")
         check(r.weight_transport != "ipc", "rollout.weight_transport",
               "ipc (CUDA IPC) is not implemented; use auto, gloo (host-staged, works colocated) or nccl")
         check(r.weight_transport != "nccl" or self.parallel.device != "cpu", "rollout.weight_transport",

@@ -123,6 +123,42 @@ def _set_engine_env(on_cpu: bool, tensor_parallel: int, kv_cache_gb: float) -> N
             _BIND_SET_HERE = os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_mask(tensor_parallel)
 
 
+def llm_kwargs(model_path: str, *, on_cpu: bool, max_model_len: int, max_num_seqs: int, tensor_parallel: int = 1,
+               logprobs_mode: str = "processed", seed: int = 0, dtype: Optional[str] = None,
+               load_format: str = "auto", gpu_memory_utilization: float = 0.5,
+               enforce_eager: Optional[bool] = None) -> dict:
+    """The ``vllm.LLM`` keyword arguments for this platform (pure: unit-tested for both branches).
+
+    CPU: eager (vLLM has no graphs there), float32, no chunked prefill. GPU: CUDA graphs unless
+    ``enforce_eager``, bfloat16, sleep mode (its cumem pool holds the "weights" and "kv_cache"
+    tags; the graph pool is outside it, stays resident while asleep and is not re-captured on
+    wake_up, vllm/v1/worker/gpu_worker.py)."""
+    if max_num_seqs < 1:
+        raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+    # On CPU, chunked prefill makes vLLM discard the token sampled for a partly prefilled
+    # request and rewind that request's seeded generator with Generator.set_offset, which CPU
+    # generators do not have ("CPU Generator does not use offset"): seeded sampling of a
+    # large batch crashes. Without chunking, a prefill that does not fit waits a step instead.
+    extra = (dict(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192)) if on_cpu
+             else dict(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True))
+    if tensor_parallel > 1:
+        extra["distributed_executor_backend"] = "mp"
+    return dict(
+        model=model_path,
+        skip_tokenizer_init=True,  # token ids in and out; the trainer owns the tokenizer
+        dtype=dtype or ("float32" if on_cpu else "bfloat16"),
+        enforce_eager=on_cpu if enforce_eager is None else bool(enforce_eager),
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
+        tensor_parallel_size=tensor_parallel,
+        logprobs_mode=f"{logprobs_mode}_logprobs",
+        seed=seed,
+        worker_extension_cls=EXTENSION,
+        load_format=load_format,
+        **extra,
+    )
+
+
 class VLLMEngine(RolloutEngine):
     """:class:`RolloutEngine` on a ``vllm.LLM`` loaded from an HF model directory.
 
@@ -140,13 +176,14 @@ class VLLMEngine(RolloutEngine):
         dtype: vLLM dtype; None picks float32 on CPU and bfloat16 on GPU.
         load_format: vLLM's load format; "dummy" starts from random weights (the model directory
             then only gives the config), for a check that the first sync really loads everything.
+        enforce_eager: no CUDA graphs; None = True on CPU, False on GPU (:func:`llm_kwargs`).
     """
 
     def __init__(self, model_path: Union[str, Path], *, max_model_len: int = 2048, device: str = "auto",
                  cpu_kv_cache_gb: float = 1.0, gpu_memory_utilization: float = 0.5, tensor_parallel: int = 1,
                  logprobs_mode: Literal["processed", "raw"] = "processed",
                  stop_token_ids: Optional[Sequence[int]] = None, max_num_seqs: int = 256, seed: int = 0,
-                 dtype: Optional[str] = None, load_format: str = "auto"):
+                 dtype: Optional[str] = None, load_format: str = "auto", enforce_eager: Optional[bool] = None):
         self.model_path = str(model_path)
         hf_config = read_hf_config(model_path)
         if device == "cpu":
@@ -175,28 +212,10 @@ class VLLMEngine(RolloutEngine):
         self.last_load_seconds = 0.0
         self._asleep: set[str] = set()  # tags vLLM holds asleep ("weights", "kv_cache")
         self._weights_discarded = False  # a level-2 sleep dropped them: load before generating
-        # On CPU, chunked prefill makes vLLM discard the token sampled for a partly prefilled
-        # request and rewind that request's seeded generator with Generator.set_offset, which CPU
-        # generators do not have ("CPU Generator does not use offset"): seeded sampling of a
-        # large batch crashes. Without chunking, a prefill that does not fit waits a step instead.
-        extra = (dict(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192)) if self.on_cpu
-                 else dict(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True))
-        if self.tensor_parallel > 1:
-            extra["distributed_executor_backend"] = "mp"
-        self.llm = LLM(
-            model=self.model_path,
-            skip_tokenizer_init=True,  # token ids in and out; the trainer owns the tokenizer
-            dtype=dtype or ("float32" if self.on_cpu else "bfloat16"),
-            enforce_eager=True,
-            max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs,
-            tensor_parallel_size=self.tensor_parallel,
-            logprobs_mode=f"{logprobs_mode}_logprobs",
-            seed=seed,
-            worker_extension_cls=EXTENSION,
-            load_format=load_format,
-            **extra,
-        )
+        self.llm = LLM(**llm_kwargs(
+            self.model_path, on_cpu=self.on_cpu, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+            tensor_parallel=self.tensor_parallel, logprobs_mode=logprobs_mode, seed=seed, dtype=dtype,
+            load_format=load_format, gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager))
 
     @classmethod
     def from_config(cls, model_path: Union[str, Path], rollout, model) -> "VLLMEngine":
@@ -204,6 +223,7 @@ class VLLMEngine(RolloutEngine):
         return cls(model_path, max_model_len=model.max_position_embeddings,
                    cpu_kv_cache_gb=rollout.cpu_kv_cache_gb, gpu_memory_utilization=rollout.gpu_memory_utilization,
                    tensor_parallel=rollout.tensor_parallel, logprobs_mode=rollout.logprobs_mode,
+                   max_num_seqs=rollout.max_num_seqs or rollout.slots_per_engine(), enforce_eager=rollout.enforce_eager,
                    dtype=None if model.params_dtype == "fp32" else {"bf16": "bfloat16", "fp16": "float16"}[model.params_dtype])
 
     # -- generation ------------------------------------------------------------------------------
