@@ -39,6 +39,7 @@ from megatron_tppo.config import ModelConfig  # noqa: E402
 from megatron_tppo.config_io import load_config  # noqa: E402
 from megatron_tppo.data import tokenizer as chartok  # noqa: E402
 from megatron_tppo.data.arith import ArithTask, parse_answer  # noqa: E402
+from megatron_tppo.data.longtail import LongTailTask, steps_for_length  # noqa: E402
 
 BUILD_FORMAT = 1
 MODEL_FILES = ("config.json", "model.safetensors") + chartok.TOKENIZER_FILES
@@ -119,7 +120,10 @@ def train_loop(model, opt, sched, data, bar, probe_ids, probe_labels, args, stat
     import torch
 
     stats.update(ema=None, tokens=0, probe=0.0, steps=0)
+    t_end = time.time() + args.max_train_s if getattr(args, "max_train_s", 0) > 0 else float("inf")
     for step in bar:
+        if time.time() >= t_end:
+            break
         if args.target_accuracy > 0 and step > 0 and step % args.probe_every == 0:
             # Stop as soon as the held-out greedy accuracy (exact-match probe) reaches the target:
             # the model must stay PARTIAL, so RL has something to learn.
@@ -184,11 +188,31 @@ def settings_of(args, cfg) -> dict:
     return {"format": BUILD_FORMAT, "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size,
             "lr": args.lr, "eval_prompts": args.eval_prompts, "target_accuracy": args.target_accuracy,
             "probe_every": args.probe_every, "tokenizer_vocab": chartok.VOCAB_SIZE,
-            "task": {"max_steps": cfg.data.arith_max_steps, "continue_prob": cfg.data.arith_continue_prob},
+            "task": ({"max_steps": cfg.data.arith_max_steps, "continue_prob": cfg.data.arith_continue_prob}
+                     if args.task == "arith" else {"name": "longtail", **vars(make_task(args, cfg)),
+                                                   "max_train_s": args.max_train_s, "files": args.jsonl_rows}),
             "model": {k: getattr(m, k) for k in ("arch", "num_layers", "hidden_size", "ffn_hidden_size",
                                                  "num_attention_heads", "num_query_groups", "vocab_size",
                                                  "max_position_embeddings", "rope_theta", "norm_epsilon",
                                                  "qkv_bias", "tie_word_embeddings", "init_std")}}
+
+
+def make_task(args, cfg):
+    """The task the SFT data comes from: the arith default, or the long-tailed variant whose cap is
+    ``rollout.max_response_tokens`` (``--task longtail``)."""
+    if args.task == "arith":
+        return ArithTask(max_steps=cfg.data.arith_max_steps, continue_prob=cfg.data.arith_continue_prob)
+    return LongTailTask(max_steps=steps_for_length(cfg.rollout.max_response_tokens))
+
+
+def write_jsonl(out: Path, task, rows: int, seed: int) -> None:
+    """train.jsonl (``rows`` problems) and heldout.jsonl (distinct held-out problems) for the
+    ``jsonl`` data task: the RL run's prompts, disjoint by construction (prompt-hash split)."""
+    def line(p):
+        return json.dumps({"prompt": p.prompt, "answer": p.answer, "steps": p.steps}) + "\n"
+
+    (out / "train.jsonl").write_text("".join(line(task.problem("train", i, seed)) for i in range(rows)))
+    (out / "heldout.jsonl").write_text("".join(line(p) for p in task.heldout_set(max(1, rows // 20), seed)))
 
 
 def existing_build(out: Path, settings: dict) -> dict | None:
@@ -223,7 +247,7 @@ def build(args) -> dict:
     torch.manual_seed(args.seed)
     (out / "tppo_build.json").unlink(missing_ok=True)  # mark incomplete until the end
     chartok.save_tokenizer(out, model_max_length=cfg.model.max_position_embeddings)
-    task = ArithTask(max_steps=cfg.data.arith_max_steps, continue_prob=cfg.data.arith_continue_prob)
+    task = make_task(args, cfg)
     model = AutoModelForCausalLM.from_config(hf_config(cfg.model), dtype=torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -249,6 +273,8 @@ def build(args) -> dict:
     model.generation_config = GenerationConfig(eos_token_id=chartok.EOS_ID, pad_token_id=chartok.PAD_ID,
                                                bos_token_id=chartok.EOS_ID, do_sample=False)
     model.save_pretrained(str(out))
+    if args.task == "longtail":
+        write_jsonl(out, task, args.jsonl_rows, args.seed)
     info = {"settings": settings, "seed": args.seed, "max_steps": args.steps, "steps": steps_done,
             "stopped_at_target": not interrupted and steps_done < args.steps, "interrupted": interrupted, "heldout_exact_match_probe": probe, "parameters": n_params,
             "final_loss_ema": ema, "train_tokens_padded": tokens, "train_seconds": round(train_s, 1),
@@ -276,6 +302,11 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--eval-prompts", type=int, default=100, help="held-out prompts for the greedy accuracy")
+    ap.add_argument("--task", choices=("arith", "longtail"), default="arith",
+                    help="SFT data: the arith default, or the long-tailed variant (data/longtail.py; also "
+                         "writes train.jsonl/heldout.jsonl beside the model)")
+    ap.add_argument("--max-train-s", type=float, default=0.0, help="stop SFT after this many seconds (0: none)")
+    ap.add_argument("--jsonl-rows", type=int, default=20000, help="--task longtail: rows of train.jsonl")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--force", action="store_true", help="rebuild even if --out holds the same build")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
