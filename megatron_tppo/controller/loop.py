@@ -188,7 +188,8 @@ class TPPOLoop:
         self.pool.refill()
         reqs = self.pool.requests()
         if reqs:
-            sampling = Sampling(temperature=r.temperature, top_p=r.top_p, seed=self.cfg.seed * 100_003 + step * 7919)
+            sampling = Sampling(temperature=r.temperature, top_p=r.top_p,
+                                seed=self._seed(self.cfg.seed * 100_003 + step * 7919))
             results = self.rollout.generate([q.token_ids for q in reqs], [q.max_new_tokens for q in reqs], sampling)
             for q, res in zip(reqs, results):
                 self.pool.append(q.slot, res.token_ids, res.logprobs, res.policy_version,
@@ -202,7 +203,8 @@ class TPPOLoop:
         """Continuous refill: a slot whose response ends takes the next sample at once; the step
         ends after num_slots x window_tokens tokens (:mod:`megatron_tppo.controller.continuous`)."""
         r = self.cfg.rollout
-        sampling = Sampling(temperature=r.temperature, top_p=r.top_p, seed=self.cfg.seed * 100_003 + step * 7919)
+        sampling = Sampling(temperature=r.temperature, top_p=r.top_p,
+                            seed=self._seed(self.cfg.seed * 100_003 + step * 7919))
         stats = self.rollout.stream_step(self.pool, sampling)
         self.utilization = stats["utilization"]
         return self.pool.end_step()
@@ -328,6 +330,13 @@ class TPPOLoop:
                       "rollout/windows_per_finished": sum(s.windows for s in fin) / len(fin)})
         return m
 
+    def _seed(self, seed: int) -> Optional[int]:
+        """``seed`` when rollout.seeded (None: on CPU only) asks for reproducible generation, else None."""
+        from megatron_tppo.platform import resolve_device
+
+        seeded = self.cfg.rollout.seeded
+        return seed if (resolve_device(self.cfg.parallel.device) == "cpu" if seeded is None else seeded) else None
+
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:
         """pass@1 averaged over k samples on the held-out prompts, full-length generation."""
@@ -335,7 +344,7 @@ class TPPOLoop:
         prompts = self.task.eval_prompts
         k = d.eval_samples_per_prompt
         t0 = time.perf_counter()
-        sampling = Sampling(temperature=r.temperature, top_p=r.top_p, seed=self.cfg.seed)
+        sampling = Sampling(temperature=r.temperature, top_p=r.top_p, seed=self._seed(self.cfg.seed))
         res = self.rollout.generate([p.prompt_ids for p in prompts], [r.max_response_tokens] * len(prompts), sampling, n=k)
         scores = [self.task.score(self.task.decode(g.token_ids), prompts[i // k].meta)[0] for i, g in enumerate(res)]
         return {"eval/accuracy": sum(scores) / max(len(scores), 1),
