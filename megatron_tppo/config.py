@@ -217,7 +217,8 @@ class RolloutConfig:
     ceil(num_slots / num_engines) (its share, for both refill modes). A smaller value is a
     configuration error: the engine would queue its own slots and the window would take waves."""
     seeded: Optional[bool] = None
-    """Seed every request (reproducible generation: a resumed run regenerates the same tokens).
+    """Seed every request (reproducible generation: a resumed run, or a step undone by a stop
+    signal, regenerates the same tokens; unseeded it generates other, equally valid ones).
     None: True on CPU, False on GPU, where a per-request torch.Generator makes vLLM's sampler
     draw that row's noise in its own kernel (a Python loop over seeded rows each decode step) and
     skip the FlashInfer top-p/top-k kernel (vllm/v1/sample/ops/topk_topp_sampler.py)."""
