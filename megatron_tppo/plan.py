@@ -49,6 +49,15 @@ Time model (roofline, per step, documented assumptions):
   its B running sequences: ``(weights + B x ctx x kv bytes) / (HBM bandwidth x efficiency)``
   per GPU, B = its slots, or fewer when the KV cache is full; compute (``2N x B`` FLOPs) bounds
   it from below. Engines run in parallel.
+- Prefill after a sync (rollout/vllm_backend.py resets vLLM's prefix cache whenever weights load:
+  cached KV was computed with the old weights): every slot's context before its window, prompt +
+  earlier windows, ``prompt + W (m-1)/2`` on average, is prefilled again, at ``2N`` + causal
+  attention ``2 x 2 x layers x h x c/2`` FLOPs per token, compute-bound at half the bf16 peak,
+  per engine over its TP GPUs. It is part of the generation estimate (it includes the first
+  window's prompts, which are prefilled anyway). benchmarks/prefix_reset.py measures it on CPU.
+- KV fit: an engine's slots at mean context ``slots_per_engine x ctx`` tokens should fit its KV
+  cache; when they do not the plan warns: vLLM preempts sequences and recomputes their whole
+  prefix when they resume, which this estimate does not count.
 """
 from __future__ import annotations
 
@@ -214,6 +223,7 @@ class Plan:
     lines: list[str]
     numbers: dict[str, float]
     placement: Optional[Placement] = None
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 def fill_layout(cfg: TPPOConfig, total_gpus: int) -> list[str]:
@@ -340,7 +350,18 @@ def make_plan(cfg: TPPOConfig, nodes: int, gpus_per_node: int, gpu: GPU = GPU(),
     step_mem = (vllm_w + batch * ctx * kv_tok) / bw
     step_compute = 2 * n_policy * batch / (r.tensor_parallel * gpu.peak_tflops_bf16 * 1e12 * 0.5)
     t_iter = max(step_mem, step_compute)
-    t_gen = slots_per_engine * r.window_tokens / batch * t_iter
+    t_decode = slots_per_engine * r.window_tokens / batch * t_iter
+    # re-prefill after the sync's prefix-cache reset: each slot's prompt + earlier windows
+    prefill_ctx = min(prompt_tokens + r.window_tokens * (m_win - 1) / 2, full_len)
+    prefill_flops = slots_per_engine * prefill_ctx * (2 * n_policy + attn(prefill_ctx) / 3)
+    t_prefill = prefill_flops / (r.tensor_parallel * gpu.peak_tflops_bf16 * 1e12 * 0.5)
+    t_gen = t_decode + t_prefill
+    warnings = []
+    if slots_per_engine * ctx > kv_capacity_tokens:
+        warnings.append(f"vLLM KV cache holds {kv_capacity_tokens:.0f} tokens per engine, less than its "
+                        f"{slots_per_engine} slots at mean context {ctx:.0f} ({slots_per_engine * ctx:.0f} tokens): "
+                        f"vLLM will preempt and recompute long prefixes; raise rollout.gpu_memory_utilization or "
+                        f"rollout.num_engines, or lower rollout.num_slots")
     # weight sync (megatron_tppo.controller.weight_sync): each engine worker receives the whole
     # model, stage after stage, from the stages' senders; one bf16 copy per sync
     sync_bytes = n_policy * 2.0
@@ -352,7 +373,9 @@ def make_plan(cfg: TPPOConfig, nodes: int, gpus_per_node: int, gpu: GPU = GPU(),
     lines += [f"time per step (roofline: MFU {gpu.train_mfu:g}, {peak / 1e12:g} TFLOP/s peak, HBM {gpu.hbm_tb_s:g} TB/s"
               f" x {gpu.decode_bw_efficiency:g}; generation upper bound: every slot fills its window):",
               f"  generation: {gen_tokens / 1e6:.1f}M tokens, {batch:.0f} running sequences per engine (avg context "
-              f"{ctx:.0f}), {t_iter * 1e3:.1f} ms per decode iteration -> {t_gen:8.0f} s",
+              f"{ctx:.0f}), {t_iter * 1e3:.1f} ms per decode iteration -> {t_decode:.0f} s, + re-prefill after the "
+              f"sync's prefix-cache reset {slots_per_engine * prefill_ctx / 1e6:.2f}M tokens per engine -> "
+              f"{t_prefill:.0f} s -> {t_gen:8.0f} s",
               f"  training  : policy {pol_flops / 1e15:.0f} PFLOP -> {t_pol:.0f} s, critic {cri_flops / 1e15:.0f} PFLOP -> "
               f"{t_cri:.0f} s (in parallel) -> {t_train:8.0f} s",
               f"  weight sync: {sync_bytes / 1e9:.1f} GB (bf16) over {transport}"
@@ -371,12 +394,15 @@ def make_plan(cfg: TPPOConfig, nodes: int, gpus_per_node: int, gpu: GPU = GPU(),
                    critic_train_peak_gib=cm.train_peak / GiB, policy_static_gib=pm.static / GiB,
                    vllm_weights_gib=vllm_w / GiB, kv_cache_gib=kv_bytes / GiB, kv_tokens_per_engine=kv_capacity_tokens,
                    generation_peak_gib=gen_peak / GiB, gen_s=t_gen, train_s=t_train, sync_s=t_sync,
+                   gen_decode_s=t_decode, reprefill_s=t_prefill,
+                   reprefill_tokens_per_engine=slots_per_engine * prefill_ctx,
                    sync_gb=sync_bytes / 1e9, step_s=total_t,
                    params=float(n_policy))
     if fit_errors:
         raise PlanError("layout does not fit in GPU memory:\n  " + "\n  ".join(fit_errors)
                         + "\n" + "\n".join(lines))
-    return Plan(lines, numbers, placement)
+    lines += [f"WARNING: {w}" for w in warnings]
+    return Plan(lines, numbers, placement, warnings)
 
 
 def add_plan_args(p: argparse.ArgumentParser) -> None:

@@ -167,3 +167,33 @@ def test_checkpoint_size_of_the_32b_recipe_is_about_0_9_tb():
     plan = P.make_plan(c, nodes=4, gpus_per_node=8)
     assert any(line.startswith("checkpoint: policy ") and "keep_last=2" in line for line in plan.lines)
     assert plan.numbers["checkpoint_disk_peak_tb"] == pytest.approx(3 * ck["checkpoint"] / 1e12)
+
+
+def _gpu_layout(*over):
+    return cfg("parallel.device=cuda", "parallel.policy.tensor_parallel=2", "parallel.critic.tensor_parallel=2",
+               "rollout.num_engines=2", "rollout.tensor_parallel=2", "rollout.colocate=false",
+               "rollout.gpu_memory_utilization=0.8", *over)
+
+
+def test_reprefill_after_the_sync_is_in_the_generation_estimate_by_hand():
+    n = P.make_plan(_gpu_layout(), nodes=1, gpus_per_node=8).numbers
+    # 64 slots / 2 engines = 32; W 64, L_max 256 -> 4 windows; context before a window on average
+    # 1024 + 64 * 3 / 2 = 1120 tokens; per token 2N + causal attention forward 2 x 16 x 2048 x 1120
+    tokens = 32 * 1120
+    flops = tokens * (2 * N + 2 * 16 * 2048 * 1120)
+    assert n["reprefill_tokens_per_engine"] == tokens
+    assert n["reprefill_s"] == pytest.approx(flops / (2 * P.GPU().peak_tflops_bf16 * 1e12 * 0.5))
+    assert n["gen_s"] == pytest.approx(n["gen_decode_s"] + n["reprefill_s"])
+
+
+def test_warns_when_the_kv_cache_cannot_hold_an_engines_slots_at_mean_context():
+    # KV per engine (TP2): (0.8 x 79.6 GiB - N - 2 GiB) / (2 x 16 x 2 x 128 x 2 B); mean context
+    # 1024 + 64 x 5 / 2 = 1184 tokens: about 3370 slots fit per engine
+    kv_tokens = (0.8 * 79.6 * GiB - N - 2 * GiB) / (2 * 16 * 2 * 128 * 2)
+    assert 2048 * 1184 < kv_tokens < 4096 * 1184
+    quiet = P.make_plan(_gpu_layout("rollout.num_slots=4096"), nodes=1, gpus_per_node=8)
+    assert quiet.warnings == []
+    loud = P.make_plan(_gpu_layout("rollout.num_slots=8192"), nodes=1, gpus_per_node=8)
+    assert len(loud.warnings) == 1 and "4096 slots at mean context 1184" in loud.warnings[0]
+    assert f"{kv_tokens:.0f} tokens per engine" in loud.warnings[0]
+    assert any(line.startswith("WARNING: vLLM KV cache") for line in loud.lines)
