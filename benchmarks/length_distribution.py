@@ -72,7 +72,7 @@ def main(argv=None) -> int:
             tokens += n
             resp = "".join(inv.get(t, "") for t in row[:n] if t not in (chartok.EOS_ID, chartok.PAD_ID))
             correct += parse_answer(resp) == int(meta["answer"])
-            ref.append(11 * int(meta.get("steps", 0)) + 4)
+            ref.append(11 * (len(text.split()) - 2) + 4)  # the correct response: 11 tokens per prompt term
         print(f"[length_distribution] {len(lengths)}/{len(jobs)} samples, {time.time() - t0:.0f} s", flush=True)
     secs = time.time() - t0
     pc, pref = percentiles(lengths), percentiles(ref)
