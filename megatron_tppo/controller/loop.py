@@ -87,8 +87,9 @@ class TPPOLoop:
 
         Stopped after generation: the step is undone. The pool and the prompt stream go back to
         their state before it (the models have not moved), so a checkpoint now is the one of the
-        previous step, and a resumed run regenerates the same tokens (generation is seeded per step
-        and request). That re-spends the window's generation time (about 1.5 h at 32B) but saves
+        previous step, and a resumed run regenerates the step: the same tokens with
+        ``rollout.seeded`` (seeded per step and request), otherwise fresh samples of the same
+        prompts (nothing lost or counted twice either way). That re-spends the window's generation time (about 1.5 h at 32B) but saves
         right away, where Slurm's warning leaves minutes and the updates would take many more.
         Stopped after the updates: the sync and the rest are skipped (the resumed run syncs first).
         """
