@@ -1,115 +1,169 @@
-"""T-PPO vs PPO from the same start and seed, side by side in one run (TPPO.md section 5).
+"""PPO vs T-PPO (window refill) vs T-PPO (continuous refill), one after another in one run (issue 13 item 3).
 
-Runs the full system twice on the same config, once with the configured window (T-PPO) and once
-with the window set to the maximum response length (synchronous PPO), each for the SAME
-wall-clock budget (``time_budget_s``: the training loop stops after the step during which it runs
-out, then evaluates), and reports: wall-clock to reach a target held-out accuracy, generated
-tokens/s, slot utilization during generation, and final accuracy. Prints a table and writes
-benchmarks/results/tppo_vs_ppo.json.
+The same config, start model, seed and held-out set for every mode; each mode's training loop gets
+the same wall-clock budget (``time_budget_s`` with ``time_budget_excludes_eval=true``: the held-out
+evaluations do not count against it and are recorded separately as ``eval_s``).
 
-    .venv/bin/python benchmarks/tppo_vs_ppo.py [--config examples/tiny_cpu.yaml] [--budget-s 420]
-        [--target 0.5] [key.sub=value ...]
+    .venv/bin/python benchmarks/tppo_vs_ppo.py [--config examples/longtail_cpu.yaml] [--budget-s 600]
+        [--seeds 1234 1235] [--modes ppo tppo tppo_continuous] [key.sub=value ...]
 
-Both modes use the same number of slots and the same held-out set. A PPO step generates whole
-responses (every slot waits for the longest), a T-PPO step one window, so PPO evaluates every
-``ceil(eval_every * window / max_response)`` steps to evaluate about as often in wall-clock time,
-and its critic warm-up is scaled the same way; evaluation time counts against both budgets alike.
+Modes
+    * ``ppo``: ``rollout.window_tokens = max_response_tokens`` (every slot waits for the longest).
+    * ``tppo``: the configured window, finished slots refilled at window boundaries (the paper).
+    * ``tppo_continuous``: ``rollout.refill=continuous`` (a finished slot takes the next sample at
+      once; a step ends on ``num_slots x window_tokens`` generated tokens).
+
+A PPO step generates whole responses, a T-PPO step one window, so PPO evaluates every
+``ceil(eval_every * window / max_response)`` steps (about as often in generated tokens) and its
+critic warm-up is scaled the same way. Nothing else differs between the modes.
+
+Per mode: start/final/best held-out accuracy, ``time_to_target_s`` (training seconds, i.e. the sum
+of ``perf/step_s``, to the first evaluation at or above start + 0.05; null if never), the phase
+split (generate, values, train, sync), slot utilization, generated tokens/s over whole steps
+(generated tokens / step seconds), evaluation seconds, wall seconds. Writes
+benchmarks/results/tppo_vs_ppo.json (``--seeds`` with more than one seed: tppo_vs_ppo_seed<N>.json
+each, same schema) and a PNG of held-out accuracy against training seconds beside it.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
-from megatron_tppo.config_io import load_config
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from megatron_tppo.config_io import load_config  # noqa: E402
+
+MODES = ("ppo", "tppo", "tppo_continuous")
+PHASES = {"generate": "perf/generate_s", "values": "perf/values_s", "train": "perf/train_s",
+          "sync": "perf/weight_sync_s"}
 
 
-def wall_series(log_dir: Path, tag: str) -> list[tuple[float, int, float]]:
-    """(wall_time, step, value) of a scalar, in step order."""
+def scalars(log_dir: Path) -> dict[str, dict[int, float]]:
+    """tag -> {step: value} (the last value logged for a step wins)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
     acc.Reload()
-    if tag not in acc.Tags()["scalars"]:
-        return []
-    return [(e.wall_time, e.step, e.value) for e in acc.Scalars(tag)]
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
 
 
-def run_mode(name: str, cfg, target: float) -> dict:
-    from megatron_tppo.train import run
+def summarize(name: str, cfg, tags: dict, wall_s: float, target_delta: float) -> dict:
+    """The issue's per-mode record from the run's TensorBoard scalars (pure given ``tags``)."""
+    step_s = tags.get("perf/step_s", {})
+    steps = sorted(step_s)
+    clock, t = {0: 0.0}, 0.0  # training seconds at the end of each step
+    for s in steps:
+        t += step_s[s]
+        clock[s] = t
+    acc = sorted(tags.get("eval/accuracy", {}).items())
+    curve = [(clock.get(s, t), v) for s, v in acc]
+    start = acc[0][1] if acc else float("nan")
+    target = start + target_delta
+    reach = next((c for c, v in curve if v >= target), None)
+    total = sum(step_s.values())
 
-    t0 = time.time()
-    final = run(cfg)
-    total = time.time() - t0
-    tb = Path(cfg.logging.output_dir) / "tensorboard"
-    acc = wall_series(tb, "eval/accuracy")
-    start = acc[0][0] if acc else t0
-    reach = next((w - start for w, _, v in acc if v >= target), None)
+    def total_of(tag):
+        return sum(tags.get(tag, {}).get(s, 0.0) for s in steps)
 
-    def mean(tag: str) -> float:
-        vals = [v for _, _, v in wall_series(tb, tag)]
-        return sum(vals) / len(vals) if vals else float("nan")
-
-    steps = max((s for _, s, _ in wall_series(tb, "perf/step_s")), default=0)
+    util = [tags["rollout/slot_utilization"][s] for s in steps if s in tags.get("rollout/slot_utilization", {})]
     return {
-        "mode": name, "window": cfg.rollout.window_tokens, "steps": steps, "budget_s": cfg.time_budget_s,
-        "wall_s": total,
-        "accuracy_start": acc[0][2] if acc else float("nan"), "accuracy_final": acc[-1][2] if acc else float("nan"),
-        "best_accuracy": max((v for _, _, v in acc), default=float("nan")),
-        "s_to_target": reach, "generated_tokens_per_s": mean("perf/generated_tokens_per_s"),
-        "slot_utilization": mean("rollout/slot_utilization"), "step_s": mean("perf/step_s"),
-        "final_reward": final.get("train/reward_mean", float("nan")),
+        "mode": name, "window_tokens": cfg.rollout.window_tokens, "refill": cfg.rollout.refill, "steps": len(steps),
+        "start_accuracy": start, "final_accuracy": acc[-1][1] if acc else float("nan"),
+        "best_accuracy": max((v for _, v in acc), default=float("nan")), "target_accuracy": target,
+        "time_to_target_s": reach, "train_s": total, "eval_s": sum(tags.get("perf/eval_s", {}).values()),
+        "wall_s": wall_s,
+        "phase_s": {k: total_of(tag) for k, tag in PHASES.items()},
+        "phase_share": {k: total_of(tag) / total if total else float("nan") for k, tag in PHASES.items()},
+        "slot_utilization": sum(util) / len(util) if util else float("nan"),
+        "generated_tokens": total_of("rollout/generated_tokens"),
+        "generated_tokens_per_s": total_of("rollout/generated_tokens") / total if total else float("nan"),
+        "accuracy_curve": curve,
     }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="examples/tiny_cpu.yaml")
-    p.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget of each mode's training loop")
-    p.add_argument("--eval-every", type=int, default=8, help="T-PPO steps between evaluations")
-    p.add_argument("--target", type=float, default=None, help="held-out accuracy target (default: start + 0.05)")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "tppo_vs_ppo.json"))
-    p.add_argument("--run-dir", default="runs/bench_tppo_vs_ppo")
-    p.add_argument("overrides", nargs="*")
-    a = p.parse_args()
-
+def mode_configs(a, seed: int) -> dict:
     base = load_config(a.config, a.overrides)
     r = base.rollout
 
-    def scaled(n: int) -> int:  # T-PPO steps -> PPO steps covering about the same generation time
-        return math.ceil(n * r.window_tokens / r.max_response_tokens)
+    def scaled(n: int) -> int:  # T-PPO steps -> PPO steps generating about as many tokens
+        return max(1, math.ceil(n * r.window_tokens / r.max_response_tokens))
 
-    common = [f"time_budget_s={a.budget_s}", "steps=100000", "logging.progress_bar=false"]
-    tppo = load_config(a.config, a.overrides + common + [f"logging.output_dir={a.run_dir}/tppo",
-                                                         f"data.eval_every={a.eval_every}"])
-    ppo = load_config(a.config, a.overrides + common + [
-        f"logging.output_dir={a.run_dir}/ppo", f"rollout.window_tokens={r.max_response_tokens}",
-        f"data.eval_every={max(1, scaled(a.eval_every))}",
-        f"algorithm.critic_warmup_steps={scaled(base.algorithm.critic_warmup_steps)}"])
-    rows = []
-    target = a.target
-    for name, cfg in (("tppo", tppo), ("ppo", ppo)):
-        row = run_mode(name, cfg, target if target is not None else float("inf"))
-        if target is None:
-            target = row["accuracy_start"] + 0.05
-            acc = wall_series(Path(cfg.logging.output_dir) / "tensorboard", "eval/accuracy")
-            row["s_to_target"] = next((w - acc[0][0] for w, _, v in acc if v >= target), None) if acc else None
-        rows.append(row)
-    head = f"{'mode':<6}{'window':>7}{'steps':>6}{'wall s':>8}{'acc0':>7}{'acc end':>8}{'best':>7}" \
-           f"{'s->target':>10}{'gen tok/s':>10}{'slot util':>10}"
-    print(f"\nsame wall-clock budget {a.budget_s:g} s per mode; target held-out accuracy {target:.3f}\n"
-          f"{head}\n{'-' * len(head)}")
-    for x in rows:
-        reach = f"{x['s_to_target']:.0f}" if x["s_to_target"] is not None else "never"
-        print(f"{x['mode']:<6}{x['window']:>7}{x['steps']:>6}{x['wall_s']:>8.0f}{x['accuracy_start']:>7.3f}"
-              f"{x['accuracy_final']:>8.3f}{x['best_accuracy']:>7.3f}{reach:>10}{x['generated_tokens_per_s']:>10.0f}"
-              f"{x['slot_utilization']:>10.2f}")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"target": target, "budget_s": a.budget_s, "rows": rows}, indent=1))
-    print(f"wrote {a.out}")
+    common = [f"seed={seed}", f"time_budget_s={a.budget_s}", "time_budget_excludes_eval=true", "steps=100000",
+              "logging.progress_bar=false", f"data.eval_every={a.eval_every}"]
+    extra = {"ppo": [f"rollout.window_tokens={r.max_response_tokens}", "rollout.refill=window",
+                     f"data.eval_every={scaled(a.eval_every)}",
+                     f"algorithm.critic_warmup_steps={scaled(base.algorithm.critic_warmup_steps)}"],
+             "tppo": ["rollout.refill=window"], "tppo_continuous": ["rollout.refill=continuous"]}
+    return {m: load_config(a.config, a.overrides + common + extra[m]
+                           + [f"logging.output_dir={a.run_dir}/seed{seed}/{m}"]) for m in a.modes}
+
+
+def run_seed(a, seed: int) -> dict:
+    from megatron_tppo.train import run
+
+    out = {"seed": seed, "budget_s": a.budget_s, "config": a.config, "overrides": a.overrides, "modes": {}}
+    for name, cfg in mode_configs(a, seed).items():
+        print(f"[tppo_vs_ppo] seed {seed}: {name} (window {cfg.rollout.window_tokens}, refill {cfg.rollout.refill})",
+              flush=True)
+        t0 = time.time()
+        run(cfg)
+        out["modes"][name] = summarize(name, cfg, scalars(Path(cfg.logging.output_dir) / "tensorboard"),
+                                       time.time() - t0, a.target_delta)
+    return out
+
+
+def table(res: dict) -> str:
+    head = (f"{'mode':<16}{'window':>7}{'steps':>6}{'train s':>8}{'eval s':>7}{'acc0':>7}{'final':>7}{'best':>7}"
+            f"{'s->tgt':>8}{'gen%':>6}{'val%':>6}{'trn%':>6}{'syn%':>6}{'util':>6}{'tok/s':>7}")
+    lines = [f"seed {res['seed']}, training budget {res['budget_s']:g} s per mode (evaluation excluded)", head,
+             "-" * len(head)]
+    for x in res["modes"].values():
+        reach = f"{x['time_to_target_s']:.0f}" if x["time_to_target_s"] is not None else "never"
+        sh = x["phase_share"]
+        lines.append(f"{x['mode']:<16}{x['window_tokens']:>7}{x['steps']:>6}{x['train_s']:>8.0f}{x['eval_s']:>7.0f}"
+                     f"{x['start_accuracy']:>7.3f}{x['final_accuracy']:>7.3f}{x['best_accuracy']:>7.3f}{reach:>8}"
+                     + "".join(f"{100 * sh[k]:>6.0f}" for k in PHASES)
+                     + f"{x['slot_utilization']:>6.2f}{x['generated_tokens_per_s']:>7.0f}")
+    m = res["modes"]
+    for a_, b_ in (("ppo", "tppo"), ("tppo", "tppo_continuous"), ("ppo", "tppo_continuous")):
+        if a_ in m and b_ in m and m[a_]["time_to_target_s"] and m[b_]["time_to_target_s"]:
+            lines.append(f"time to target {a_} / {b_}: {m[a_]['time_to_target_s'] / m[b_]['time_to_target_s']:.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="examples/longtail_cpu.yaml")
+    p.add_argument("--budget-s", type=float, default=600.0, help="training-loop wall-clock budget of each mode")
+    p.add_argument("--seed", type=int, default=None, help="one seed (default: the config's)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="several seeds in one invocation")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--eval-every", type=int, default=8, help="T-PPO steps between evaluations")
+    p.add_argument("--target-delta", type=float, default=0.05, help="target = start accuracy + this")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tppo_vs_ppo.json"))
+    p.add_argument("--run-dir", default="runs/bench_tppo_vs_ppo")
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args(argv)
+    seeds = a.seeds or [a.seed if a.seed is not None else load_config(a.config, a.overrides).seed]
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from plot_png import line_chart
+
+    for seed in seeds:
+        res = run_seed(a, seed)
+        path = out if len(seeds) == 1 else out.with_name(f"{out.stem}_seed{seed}{out.suffix}")
+        path.write_text(json.dumps(res, indent=1) + "\n")
+        line_chart(path.with_suffix(".png"), {k: v["accuracy_curve"] for k, v in res["modes"].items()},
+                   f"held-out accuracy vs training seconds (seed {seed}, budget {a.budget_s:g} s, eval excluded)",
+                   "training wall-clock s", "accuracy")
+        print("\n" + table(res) + f"\nwrote {path} and {path.with_suffix('.png')}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
