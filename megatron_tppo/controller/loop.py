@@ -89,8 +89,9 @@ class TPPOLoop:
         their state before it (the models have not moved), so a checkpoint now is the one of the
         previous step, and a resumed run regenerates the step: the same tokens with
         ``rollout.seeded`` (seeded per step and request), otherwise fresh samples of the same
-        prompts (nothing lost or counted twice either way). That re-spends the window's generation time (about 1.5 h at 32B) but saves
-        right away, where Slurm's warning leaves minutes and the updates would take many more.
+        prompts (nothing lost or counted twice either way). That re-spends the window's generation
+        time (about 1.5 h at 32B) but saves right away, where Slurm's warning leaves minutes and the
+        updates would take many more.
         Stopped after the updates: the sync and the rest are skipped (the resumed run syncs first).
         """
         cfg, m, t_step = self.cfg, {}, time.perf_counter()
@@ -128,15 +129,11 @@ class TPPOLoop:
         self._check_nonfinite(m)
         if stop_requested is not None and stop_requested("updates"):
             self.stopped_after = "updates"  # no sync: the checkpoint holds the new weights
-            m.update(self.rollout_metrics(batch, gen_tokens))
-            if cfg.logging.rollout_dump:
-                self.dump_finished(step + 1, batch)
-            m["perf/step_s"] = time.perf_counter() - t_step
-            return m
-        if will_sync:  # (also after an update-less step: a sleeping engine dropped its weights)
-            m.update(self.sync_weights())  # hands the GPUs over for the sync first (colocated)
-        self.colocation.for_generation()  # trainers off the GPU, engines wake their KV cache
-        m["perf/colocation_s"] = self.colocation.take_seconds()
+        else:
+            if will_sync:  # (also after an update-less step: a sleeping engine dropped its weights)
+                m.update(self.sync_weights())  # hands the GPUs over for the sync first (colocated)
+            self.colocation.for_generation()  # trainers off the GPU, engines wake their KV cache
+            m["perf/colocation_s"] = self.colocation.take_seconds()
         m.update(self.rollout_metrics(batch, gen_tokens))
         if cfg.logging.rollout_dump:
             self.dump_finished(step + 1, batch)
