@@ -69,7 +69,8 @@ def test_resume_reaches_the_same_metrics(straight_run, tiny_model, tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000004"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
+# SIGUSR1 (Slurm's warning) is sent by tests/e2e/test_phase_signals.py, within a step's phases
+@pytest.mark.parametrize("sig", [signal.SIGTERM], ids=["SIGTERM"])
 def test_signal_checkpoints_and_exits_then_resumes(straight_run, driver, tiny_model, tmp_path, sig):
     _, straight = straight_run
     d = driver(tmp_path, RESUME_COMMON)  # save_every=0: only the signal makes it checkpoint

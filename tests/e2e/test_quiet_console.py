@@ -45,7 +45,9 @@ def test_console_shows_steps_and_no_library_noise(tiny_model, tmp_path):
 
     logs = out / "logs"
     driver = (logs / "driver.log").read_text()
-    assert "step 2 |" in driver and "Token authentication" in driver  # kept, off the console
+    # kept, off the console (Ray's token notice is not checked here: Ray prints it only when it
+    # first creates the machine's token, so whether it comes depends on the runs before this one)
+    assert "step 2 |" in driver, driver[-3000:]
     workers = sorted(logs.glob("worker-*.log"))
     assert len(workers) >= 3, workers  # rollout engine, policy, critic
     text = "\n".join(w.read_text(errors="replace") for w in workers)
