@@ -52,10 +52,15 @@ class ArithProblem:
     def steps(self) -> int:
         return len(self.terms)
 
+    @staticmethod
+    def key(i: int) -> str:
+        """The name of step ``i`` in the prompt and the solution."""
+        return LETTERS[i]
+
     @property
     def prompt(self) -> str:
         """The question text (no template, no special tokens)."""
-        return f"{self.start:02d} " + " ".join(f"{LETTERS[i]}{op}{d}" for i, (op, d) in enumerate(self.terms)) + " ?"
+        return f"{self.start:02d} " + " ".join(f"{self.key(i)}{op}{d}" for i, (op, d) in enumerate(self.terms)) + " ?"
 
     def values(self) -> list[int]:
         """Running values after each step (the last one is the answer)."""
@@ -74,7 +79,7 @@ class ArithProblem:
         """The worked step-by-step response (without EOS), ending in ``#<answer>``."""
         parts, prev = [], self.start
         for i, ((op, d), v) in enumerate(zip(self.terms, self.values())):
-            parts.append(f"{LETTERS[i]}{op}{d}:{prev:02d}={v:02d}")
+            parts.append(f"{self.key(i)}{op}{d}:{prev:02d}={v:02d}")
             prev = v
         return " ".join(parts) + f" {ANSWER_MARK}{prev:02d}"
 

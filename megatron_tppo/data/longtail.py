@@ -26,7 +26,7 @@ import random
 from dataclasses import dataclass
 from typing import Iterator
 
-from megatron_tppo.data.arith import ANSWER_MARK, LETTERS, MODULUS, heldout_score
+from megatron_tppo.data.arith import LETTERS, MODULUS, ArithProblem, heldout_score
 
 MAX_KEYS = len(LETTERS) ** 2
 
@@ -47,38 +47,12 @@ def steps_for_length(tokens: int) -> int:
 
 
 @dataclass(frozen=True)
-class LongProblem:
-    start: int
-    """Start value in [0, 100)."""
-    terms: tuple[tuple[str, int], ...]
-    """Operations ``("+" | "-", 1..9)``, one per step."""
+class LongProblem(ArithProblem):
+    """An arith chain whose steps have two-letter keys (``aa``, ``ab``, ...), so it can be long."""
 
-    @property
-    def steps(self) -> int:
-        return len(self.terms)
-
-    @property
-    def prompt(self) -> str:
-        return f"{self.start:02d} " + " ".join(f"{key(i)}{op}{d}" for i, (op, d) in enumerate(self.terms)) + " ?"
-
-    def values(self) -> list[int]:
-        out, v = [], self.start
-        for op, d in self.terms:
-            v = (v + d) % MODULUS if op == "+" else (v - d) % MODULUS
-            out.append(v)
-        return out
-
-    @property
-    def answer(self) -> int:
-        return self.values()[-1]
-
-    @property
-    def solution(self) -> str:
-        parts, prev = [], self.start
-        for i, ((op, d), v) in enumerate(zip(self.terms, self.values())):
-            parts.append(f"{key(i)}{op}{d}:{prev:02d}={v:02d}")
-            prev = v
-        return " ".join(parts) + f" {ANSWER_MARK}{prev:02d}"
+    @staticmethod
+    def key(i: int) -> str:
+        return key(i)
 
 
 @dataclass(frozen=True)
