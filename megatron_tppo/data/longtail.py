@@ -24,9 +24,8 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Iterator
 
-from megatron_tppo.data.arith import LETTERS, MODULUS, ArithProblem, heldout_score
+from megatron_tppo.data.arith import LETTERS, MODULUS, ArithProblem, ArithTask, heldout_score
 
 MAX_KEYS = len(LETTERS) ** 2
 
@@ -98,22 +97,9 @@ class LongTailTask:
             if self.split_of(p) == split:
                 return p
 
-    def iter_problems(self, split: str, seed: int = 0, start: int = 0) -> Iterator[LongProblem]:
-        i = start
-        while True:
-            yield self.problem(split, i, seed)
-            i += 1
-
-    def heldout_set(self, n: int, seed: int = 0) -> list[LongProblem]:
-        """``n`` distinct held-out problems."""
-        out, seen = [], set()
-        for p in self.iter_problems("heldout", seed):
-            if p.prompt not in seen:
-                seen.add(p.prompt)
-                out.append(p)
-                if len(out) == n:
-                    return out
-        raise AssertionError("unreachable")
+    # the same streams over self.problem as the short task's
+    iter_problems = ArithTask.iter_problems
+    heldout_set = ArithTask.heldout_set
 
 
 def percentiles(values, qs=(50, 90, 95, 99)) -> dict:
