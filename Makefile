@@ -10,13 +10,16 @@ ARGS ?=
 venv:
 	@bash tools/setup_venv.sh
 
-# The tiny default: build the SFT model once (tools/build_tiny_model.py, idempotent), then train it
-# with T-PPO. TensorBoard: .venv/bin/tensorboard --logdir runs/tiny/tensorboard
+# The tiny default: build the SFT model and its value-pretrained critic once (tools/build_tiny_model.py,
+# tools/pretrain_value.py; both idempotent), then train it with T-PPO.
+# TensorBoard: .venv/bin/tensorboard --logdir runs/tiny/tensorboard
 TINY_MODEL := .cache/tiny_sft
 
 run: venv
 	$(PY) tools/build_tiny_model.py --out $(TINY_MODEL)
-	$(PY) -m megatron_tppo.train --config examples/tiny_cpu.yaml model.hf_path=$(TINY_MODEL) $(ARGS)
+	$(PY) tools/pretrain_value.py --model $(TINY_MODEL)
+	$(PY) -m megatron_tppo.train --config examples/tiny_cpu.yaml model.hf_path=$(TINY_MODEL) \
+		checkpoint.load_critic=$(TINY_MODEL)/value_critic $(ARGS)
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -182,6 +182,22 @@ def evaluate(model, task: ArithTask, n: int, seed: int, max_new_tokens: int, bat
             "by_steps": {k: f"{c}/{t}" for k, (c, t) in sorted(by_steps.items())}}
 
 
+def init_from(model, src: Path) -> None:
+    """Start from another build's weights (e.g. the arith SFT model for the long-tailed task: the same
+    per-step arithmetic, longer chains). Every tensor must have the shape the config gives it; the
+    context length may differ (RoPE has no position weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    other = AutoModelForCausalLM.from_pretrained(str(src), local_files_only=True, dtype=torch.float32)
+    mine, theirs = model.state_dict(), other.state_dict()
+    bad = [k for k in mine if k not in theirs or theirs[k].shape != mine[k].shape]
+    if bad:
+        raise SystemExit(f"--init-from {src}: its architecture differs from the config's model section "
+                         f"(first mismatch: {bad[0]})")
+    model.load_state_dict(theirs, strict=False)
+
+
 def settings_of(args, cfg) -> dict:
     """Everything that determines the build's bytes (the idempotence key)."""
     m = cfg.model
@@ -195,6 +211,17 @@ def settings_of(args, cfg) -> dict:
                                                  "num_attention_heads", "num_query_groups", "vocab_size",
                                                  "max_position_embeddings", "rope_theta", "norm_epsilon",
                                                  "qkv_bias", "tie_word_embeddings", "init_std")}}
+
+
+def settings_with_init(args, cfg) -> dict:
+    """:func:`settings_of` plus, with ``--init-from``, the settings of the build it starts from."""
+    s = settings_of(args, cfg)
+    if args.init_from:
+        src = Path(args.init_from) / "tppo_build.json"
+        if not src.is_file():
+            raise SystemExit(f"--init-from {args.init_from}: no complete build there (tppo_build.json missing)")
+        s["init_from"] = json.loads(src.read_text())["settings"]
+    return s
 
 
 def make_task(args, cfg):
@@ -230,7 +257,7 @@ def existing_build(out: Path, settings: dict) -> dict | None:
 def build(args) -> dict:
     cfg = load_config(args.config, args.override)
     out = Path(args.out)
-    settings = settings_of(args, cfg)
+    settings = settings_with_init(args, cfg)
     if not args.force and (info := existing_build(out, settings)) is not None:
         print(f"[build_tiny_model] {out} already holds this build "
               f"(held-out accuracy {info['heldout_accuracy']:.2f}); reusing it")
@@ -249,6 +276,8 @@ def build(args) -> dict:
     chartok.save_tokenizer(out, model_max_length=cfg.model.max_position_embeddings)
     task = make_task(args, cfg)
     model = AutoModelForCausalLM.from_config(hf_config(cfg.model), dtype=torch.float32)
+    if args.init_from:
+        init_from(model, Path(args.init_from))
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = max(1, args.steps // 20)
@@ -308,6 +337,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-train-s", type=float, default=0.0, help="stop SFT after this many seconds (0: none)")
     ap.add_argument("--jsonl-rows", type=int, default=20000, help="--task longtail: rows of train.jsonl")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--init-from", default=None, help="start from this build's weights (same architecture) "
+                                                      "instead of a random initialization")
     ap.add_argument("--force", action="store_true", help="rebuild even if --out holds the same build")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap.parse_args(argv)
