@@ -2,11 +2,13 @@
 
 For each model size and engine tensor-parallel size: a random Qwen2-style model (made offline),
 a real policy trainer (megatron-core on gloo) and a real vLLM engine started from other random
-weights, on a local Ray cluster. Two paths, in the same run:
+weights, on a local Ray cluster. The paths, in the same run:
 
 * ``direct`` (:class:`megatron_tppo.controller.weight_sync.WeightSync`): the policy's TP-rank-0
   gathers tensor by tensor and broadcasts size-bounded buckets over the gloo transfer group
   straight into the engine workers; the driver only orchestrates.
+* ``ipc`` (opt-in: ``--paths ... ipc``): the same with ``rollout.weight_transport=ipc``: the
+  buckets stay in the sender's shared memory and only their handles cross the group.
 * ``driver`` (today's path until issue 12): ``TrainerGroup.full_weights`` returns the whole stage
   to the driver, ``RolloutGroup.load_weights`` puts it in the object store and each engine streams
   it in (through its workers over a local group when it has worker processes).
@@ -47,7 +49,7 @@ SIZES = {
 }
 
 
-def make_cfg(size: str, engine_tp: int, bucket_mb: int):
+def make_cfg(size: str, engine_tp: int, bucket_mb: int, extra: tuple = ()):
     from megatron_tppo.config_io import load_config
 
     layers, hidden, ffn, heads, groups, vocab = SIZES[size]
@@ -56,7 +58,7 @@ def make_cfg(size: str, engine_tp: int, bucket_mb: int):
         f"model.num_attention_heads={heads}", f"model.num_query_groups={groups}", f"model.vocab_size={vocab}",
         "model.max_position_embeddings=128", "model.tie_word_embeddings=false", "rollout.num_engines=1",
         f"rollout.tensor_parallel={engine_tp}", f"rollout.weight_sync_bucket_mb={bucket_mb}", "rollout.colocate=true",
-        "rollout.cpu_kv_cache_gb=1"])
+        "rollout.cpu_kv_cache_gb=1", *extra])
 
 
 def memcpy_gb_per_s(nbytes: int, repeats: int = 3) -> float:
@@ -150,9 +152,10 @@ def run_one(size: str, engine_tp: int, bucket_mb: int, repeats: int, paths: list
         policy.load_hf(str(policy_dir))
         seqs = [[(7 * i + j) % cfg.model.vocab_size for j in range(24)] for i in range(2)]
         version = 0
-        if "direct" in paths:
+        for path in [x for x in ("direct", "ipc") if x in paths]:
+            transport = ("rollout.weight_transport=ipc",) if path == "ipc" else ()
             t0 = time.perf_counter()
-            sync = WeightSync(policy, rollout, cfg)
+            sync = WeightSync(policy, rollout, make_cfg(size, engine_tp, bucket_mb, transport))
             setup = time.perf_counter() - t0
             try:
                 for r in range(repeats + 1):  # the first sync also plans the buckets: warm-up
@@ -162,7 +165,7 @@ def run_one(size: str, engine_tp: int, bucket_mb: int, repeats: int, paths: list
                     if r == 0:
                         continue
                     nbytes = int(m["perf/weight_sync_gb"] * 1e9)
-                    rows.append(dict(size=size, engine_tp=engine_tp, path="direct", repeat=r, bytes=nbytes,
+                    rows.append(dict(size=size, engine_tp=engine_tp, path=path, repeat=r, bytes=nbytes,
                                      buckets=int(m["perf/weight_sync_buckets"]), seconds=m["perf/weight_sync_s"],
                                      gb_per_s=m["perf/weight_sync_gb_per_s"], gather_s=m["perf/weight_gather_s"],
                                      send_s=m["perf/weight_send_s"], load_s=m["perf/weight_load_s"],
@@ -225,7 +228,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     p.add_argument("--engine-tp", nargs="+", type=int, default=[1, 2])
-    p.add_argument("--paths", nargs="+", default=["direct", "driver"], choices=["direct", "driver"])
+    p.add_argument("--paths", nargs="+", default=["direct", "driver"], choices=["direct", "ipc", "driver"])
     p.add_argument("--bucket-mb", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--workdir", default=None, help="where the random models are written (default: a temp dir)")

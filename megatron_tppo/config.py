@@ -201,10 +201,13 @@ class RolloutConfig:
     """Size bound of one bucket when streaming policy weights into vLLM."""
     weight_transport: Literal["auto", "gloo", "nccl", "ipc"] = "auto"
     """How weights travel from the trainer ranks to the engine workers (one process group per
-    policy pipeline stage; megatron_tppo/weights/transfer.py). auto: nccl on cuda (gloo when an
-    engine worker shares a sender's GPU, which NCCL forbids), gloo on cpu. gloo: host buffers over
-    TCP (CPU; on GPU a host-staged fallback that works colocated and across nodes). nccl: CUDA
-    buffers (engines on GPUs of their own). ipc (CUDA IPC for colocated engines) is not implemented."""
+    policy pipeline stage; megatron_tppo/weights/transfer.py). auto: nccl on cuda; when an engine
+    worker shares a sender's GPU (colocated; NCCL forbids it) ipc if every engine worker is on its
+    senders' node, else gloo; gloo on cpu. gloo: host buffers over TCP (CPU; on GPU a host-staged
+    fallback that works colocated and across nodes). nccl: CUDA buffers (engines on GPUs of their
+    own). ipc: the senders share their bucket buffers in place and send only handles
+    (megatron_tppo/weights/ipc.py): CUDA IPC on cuda, shared memory (/dev/shm) on cpu; every
+    engine worker must be on the node of every stage's sender (refused otherwise)."""
     logprobs_mode: Literal["processed", "raw"] = "processed"
     """Behaviour log-probs: of the sampling distribution (after temperature/top-p), or raw temperature 1."""
     enforce_eager: Optional[bool] = None
@@ -476,8 +479,6 @@ class TPPOConfig:
             check(r.max_num_seqs >= r.slots_per_engine(), "rollout.max_num_seqs",
                   f"{r.max_num_seqs} is below the slots each engine serves: ceil(rollout.num_slots={r.num_slots} / "
                   f"rollout.num_engines={r.num_engines}) = {r.slots_per_engine()}")
-        check(r.weight_transport != "ipc", "rollout.weight_transport",
-              "ipc (CUDA IPC) is not implemented; use auto, gloo (host-staged, works colocated) or nccl")
         check(r.weight_transport != "nccl" or self.parallel.device != "cpu", "rollout.weight_transport",
               "nccl needs parallel.device cuda (or auto on a GPU machine); use gloo or auto on cpu")
         check(r.weight_transport != "nccl" or not r.colocate, "rollout.weight_transport",

@@ -156,6 +156,22 @@ def _trainer(role: str, lay: LayoutConfig, first: int, per_node: int, fraction: 
     return tuple(ActorPlacement(role, r, (_gpu(first + r, per_node),), fraction) for r in range(lay.world_size))
 
 
+def ipc_errors(lay: LayoutConfig, policy: tuple[ActorPlacement, ...],
+                engines: tuple[ActorPlacement, ...]) -> list[str]:
+    """rollout.weight_transport=ipc: every engine GPU on the node of every stage's sender (the
+    stage's TP-rank-0 / DP-rank-0 rank: rank ``pp * tp * dp``, TP fastest, then DP, then PP)."""
+    per_stage = lay.tensor_parallel * lay.data_parallel
+    senders = {s: policy[s * per_stage].gpus[0].node for s in range(lay.pipeline_parallel)}
+    for engine in engines:
+        for stage, node in senders.items():
+            away = sorted({g.node for g in engine.gpus if g.node != node})
+            if away:
+                return [f"rollout.weight_transport=ipc: engine {engine.rank} runs on node {away[0]}, the pipeline "
+                        f"stage {stage} sender on node {node}; IPC handles open only on the sender's node "
+                        f"(use auto, gloo or nccl for engines on other nodes)"]
+    return []
+
+
 def plan_placement(cfg: TPPOConfig, nodes: int, gpus_per_node: int) -> Placement:
     """The placement of ``cfg`` on ``nodes x gpus_per_node`` GPUs; PlacementError naming the reason."""
     if nodes < 1 or gpus_per_node < 1:
@@ -183,6 +199,8 @@ def plan_placement(cfg: TPPOConfig, nodes: int, gpus_per_node: int) -> Placement
     if needed > total:
         errors.append(f"needs {needed} GPUs (policy {p} + critic {c}" + ("" if r.colocate else f" + vLLM {e}x{k}")
                       + f"{', colocated' if r.colocate else ''}), the cluster has {nodes} x {gpus_per_node} = {total}")
+    if r.weight_transport == "ipc" and not errors:
+        errors += ipc_errors(par.policy, policy, engines)
     if errors:
         raise PlacementError("placement impossible:\n  " + "\n  ".join(errors))
     return Placement(nodes, gpus_per_node, r.colocate, policy, critic, engines)

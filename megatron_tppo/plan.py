@@ -72,7 +72,7 @@ from typing import Optional
 
 from megatron_tppo.config import ConfigError, LayoutConfig, ModelConfig, TPPOConfig
 from megatron_tppo.config_io import load_config
-from megatron_tppo.placement import Placement, PlacementError, plan_placement
+from megatron_tppo.placement import Placement, PlacementError, ipc_errors, plan_placement
 
 GiB = 2 ** 30
 
@@ -365,8 +365,11 @@ def make_plan(cfg: TPPOConfig, nodes: int, gpus_per_node: int, gpu: GPU = GPU(),
     # weight sync (megatron_tppo.controller.weight_sync): each engine worker receives the whole
     # model, stage after stage, from the stages' senders; one bf16 copy per sync
     sync_bytes = n_policy * 2.0
-    transport = r.weight_transport if r.weight_transport in ("gloo", "nccl") else (
-        "gloo" if r.colocate or par.device == "cpu" else "nccl")
+    # auto as WeightSync resolves it: colocated engines take ipc when all sit on their senders' node
+    one_node = not ipc_errors(par.policy, placement.policy, placement.engines)
+    transport = r.weight_transport if r.weight_transport != "auto" else (
+        "gloo" if par.device == "cpu" else ("ipc" if one_node else "gloo") if r.colocate else "nccl")
+    # ipc: a device-local copy at least as fast as NCCL; the NCCL figure is kept as its bound
     sync_bw = (gpu.sync_gloo_gb_s if transport == "gloo" else gpu.sync_nccl_gb_s) * 1e9
     t_sync = sync_bytes / sync_bw
     total_t = t_gen + t_train + t_sync

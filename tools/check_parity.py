@@ -3,6 +3,7 @@
     python tools/check_parity.py --hf-dir HF --tp 2 --pp 1 [--checkpoint CKPT] [--vllm] [--tol 1e-4]
     python tools/check_parity.py --hf-dir HF --layouts 1x1,2x1,1x2 --vllm      # several layouts, one launch
     python tools/check_parity.py --hf-dir HF --layouts 2x1,1x2 --vllm-tp 2     # a TP=2 vLLM engine
+    python tools/check_parity.py --hf-dir HF --vllm-tp 2 --transport ipc        # the sync over ipc
 
 * HF: transformers' CausalLM from --hf-dir (fp32), the reference.
 * megatron: the policy at each layout, in its own tp*pp processes (lcm over --layouts; extra ranks
@@ -11,7 +12,8 @@
   TrainEngine.forward; logits from a plain forward whose TP-sharded vocabulary is gathered here.
 * vLLM (--vllm, or --vllm-tp N for an engine with N worker processes): started with random weights
   (``load_format="dummy"``; --hf-dir gives the config), then loaded with each layout's megatron
-  weights through the run's own sync path: one gloo transfer group per pipeline stage
+  weights through the run's own sync path: one transfer group per pipeline stage (--transport:
+  gloo, or ipc, which shares the senders' buckets in place; megatron_tppo/weights/ipc.py)
   (megatron_tppo.weights.transfer.StageSender on the ranks; the engine workers' receive path,
   VLLMEngine.join_weight_transfer / receive_weights), so a broken sync or a corrupt checkpoint
   shows. Only the orchestration differs from a run's (no Ray: ports are picked here).
@@ -91,7 +93,7 @@ def _parity_rank(layouts, m, hf_dir, checkpoint, tokens, out_dir, sync, device) 
             sender = StageSender(eng.module, eng.tp_group, tp, m, is_sender=info.tp_rank == 0 and info.dp_rank == 0,
                                  takes_part=info.dp_rank == 0, dtype=torch.float32)
             sender.open("127.0.0.1", sync["ports"][i][info.pp_rank], sync["timeout_s"])
-            sender.join("gloo", sync["world_size"], sync["timeout_s"])
+            sender.join(sync["backend"], sync["world_size"], sync["timeout_s"])
             sender.send(sync["bucket_bytes"])
             sender.close()
         dist.barrier()  # the next layout re-creates the model-parallel groups on every rank
@@ -102,8 +104,9 @@ def _vllm_logprobs(engine, layouts, tokens, sync) -> dict:
     """Engine side of the sync: per layout, join its stages' groups, receive, score the tokens."""
     out = {}
     for version, ((tp, pp), ports) in enumerate(zip(layouts, sync["ports"]), start=1):
-        engine.join_weight_transfer([dict(backend="gloo", host="127.0.0.1", port=port, world_size=sync["world_size"],
-                                          timeout_s=sync["timeout_s"]) for port in ports], rank_offset=1)
+        engine.join_weight_transfer([dict(backend=sync["backend"], host="127.0.0.1", port=port,
+                                          world_size=sync["world_size"], timeout_s=sync["timeout_s"])
+                                     for port in ports], rank_offset=1)
         engine.receive_weights(version)
         engine.close_weight_transfer()
         out[(tp, pp)] = torch.tensor(engine.prompt_logprobs(tokens.tolist()))
@@ -145,6 +148,8 @@ def main(argv=None) -> int:
     ap.add_argument("--vllm", action="store_true", help="also compare a vLLM engine synced from megatron")
     ap.add_argument("--vllm-tp", type=int, default=None,
                     help="vLLM tensor-parallel size (worker processes; implies --vllm; default 1)")
+    ap.add_argument("--transport", default="gloo", choices=["gloo", "ipc"],
+                    help="weight-sync transport into vLLM (rollout.weight_transport; nccl needs a run's GPUs)")
     ap.add_argument("--bucket-mb", type=float, default=16.0, help="size bound of one weight-sync bucket (MiB)")
     ap.add_argument("--tol", type=float, default=1e-4, help="largest allowed max |Δ| (log-prob and logit)")
     ap.add_argument("--num-seqs", type=int, default=4)
@@ -180,7 +185,7 @@ def main(argv=None) -> int:
             engine = VLLMEngine(a.hf_dir, max_model_len=seq_len + 1, max_num_seqs=max(a.num_seqs, 1),
                                 tensor_parallel=vllm_tp, load_format="dummy")
             sync = {"ports": [[_free_port() for _ in range(pp)] for _, pp in layouts], "world_size": 1 + vllm_tp,
-                    "bucket_bytes": max(1, int(a.bucket_mb * 2**20)), "timeout_s": 300.0}
+                    "bucket_bytes": max(1, int(a.bucket_mb * 2**20)), "timeout_s": 300.0, "backend": a.transport}
         ranks = _Background(run_ranks, _parity_rank, world, layouts, m, a.hf_dir, a.checkpoint, tokens, out, sync,
                             a.device)
         try:

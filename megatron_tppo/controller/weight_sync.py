@@ -11,8 +11,11 @@ each stage's TP shards tensor by tensor; each stage's sender packs and broadcast
 engines then drop their prefix caches and stamp the version.
 
 Transport (``rollout.weight_transport``): gloo on CPU; on GPU nccl, unless an engine worker shares a
-sender's GPU (colocated: NCCL allows one rank per GPU), where ``auto`` falls back to gloo staged
-through host memory and an explicit ``nccl`` is a configuration error.
+sender's GPU (colocated: NCCL allows one rank per GPU), where ``auto`` takes ipc (the senders'
+buffers shared in place, :mod:`megatron_tppo.weights.ipc`) when every engine worker runs on its
+senders' node and gloo staged through host memory otherwise; an explicit ``nccl`` there is a
+configuration error. An explicit ``ipc`` (also on CPU, through shared memory) with an engine worker
+on another node is refused.
 """
 from __future__ import annotations
 
@@ -64,10 +67,21 @@ class WeightSync:
         return wait_all(refs, f"weight sync: policy.{method}", who=self.policy.who, timeout=self.timeout_s)
 
     def _choose_backend(self, backend: str) -> str:
-        if backend != "nccl":
+        """The transport built: :func:`resolve_transport`'s, checked against where the engine workers
+        run (GPU UUIDs: NCCL's one rank per GPU; nodes: ipc reaches only the sender's node)."""
+        if backend == "gloo":
             return backend
         refs = [w.call.remote("weight_transfer_devices") for w in self.rollout.workers]
         engines = wait_all(refs, "weight sync: engine devices", who=self.rollout.who, timeout=self.timeout_s)
+        away = [(s["pp_rank"], s.get("node"), e, d["rank"], d.get("node")) for s in self.senders
+                for e, devs in enumerate(engines) for d in devs if d.get("node") != s.get("node")]
+        if backend == "ipc":
+            if away:
+                stage, node, engine, rank, other = away[0]
+                raise ValueError(f"rollout.weight_transport=ipc: engine {engine} worker {rank} runs on node {other}, "
+                                 f"the pipeline stage {stage} sender on node {node} ({len(away)} such pair(s)); IPC "
+                                 f"handles open only on the sender's node. Use auto, gloo or nccl")
+            return backend
         shared = [(s["pp_rank"], e, d["rank"]) for s in self.senders for e, devs in enumerate(engines) for d in devs
                   if d["uuid"] is not None and d["uuid"] == s["uuid"]]
         if not shared:
@@ -76,15 +90,20 @@ class WeightSync:
         msg = (f"engine {engine} worker {rank} shares its GPU with the pipeline stage {stage} sender "
                f"({len(shared)} such pair(s)); NCCL allows one rank per GPU")
         if self.requested == "nccl":
-            raise ValueError(f"rollout.weight_transport=nccl: {msg}. Use gloo (host-staged) or auto")
-        print(f"[tppo] weight sync over gloo (host-staged): {msg}", flush=True)
+            raise ValueError(f"rollout.weight_transport=nccl: {msg}. Use ipc, gloo (host-staged) or auto")
+        if not away:
+            print(f"[tppo] weight sync over ipc (CUDA IPC, buffers shared in place): {msg}", flush=True)
+            return "ipc"
+        print(f"[tppo] weight sync over gloo (host-staged): {msg}; ipc would need every engine worker on its "
+              f"senders' node ({len(away)} pair(s) are not)", flush=True)
         return "gloo"
 
     def sync(self, version: int) -> dict:
         """Send the policy's current weights to every engine and stamp them ``version``.
 
         Returns metrics: perf/weight_sync_s (wall), perf/weight_sync_gb (one model copy, as sent),
-        perf/weight_sync_gb_per_s, perf/weight_sync_buckets (all stages), perf/weight_gather_s
+        perf/weight_sync_gb_per_s, perf/weight_sync_buckets (all stages), perf/weight_sync_wire_mb
+        (what the senders put on the wire: about the model for gloo/nccl, only handles for ipc), perf/weight_gather_s
         (slowest sender's TP gather), perf/weight_send_s (slowest sender inside its collectives,
         waiting included), perf/weight_load_s (slowest engine worker outside the collectives: vLLM's
         layer processing), mem/weight_sync_sender_growth_mb and mem/weight_sync_receiver_growth_mb
@@ -110,6 +129,7 @@ class WeightSync:
             "perf/weight_sync_gb": nbytes / 1e9,
             "perf/weight_sync_gb_per_s": nbytes / 1e9 / max(wall, 1e-9),
             "perf/weight_sync_buckets": float(sum(s["buckets"] for s in senders)),
+            "perf/weight_sync_wire_mb": sum(s.get("wire_bytes", 0) for s in senders) / 2**20,
             "perf/weight_sync_max_bucket_mb": max(s["max_bucket_bytes"] for s in senders) / 2**20,
             "perf/weight_gather_s": max(s["gather_s"] for s in senders),
             "perf/weight_send_s": max(s["wire_s"] for s in senders),

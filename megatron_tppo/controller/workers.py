@@ -109,9 +109,10 @@ class TrainerWorker:
     def open_weight_transfer(self, dtype: Optional[str] = None, timeout_s: float = 600.0) -> Optional[dict]:
         """Prepare this rank's part in sending its pipeline stage (every rank is called). The stage's
         sender (tp=0, dp=0) opens the group's rendezvous and returns ``{"pp_rank", "host", "port",
-        "uuid"}`` (its GPU's UUID, None on CPU); every other rank returns None."""
+        "uuid", "node"}`` (its GPU's UUID, None on CPU; its Ray node id); every other rank returns None."""
         import ray
 
+        from megatron_tppo.weights.ipc import this_node
         from megatron_tppo.weights.transfer import StageSender
 
         dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype or "", None)
@@ -123,7 +124,8 @@ class TrainerWorker:
         if address is None:
             return None
         uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid) if self.info.device == "cuda" else None
-        return {"pp_rank": self.info.pp_rank, "host": address[0], "port": address[1], "uuid": uuid}
+        return {"pp_rank": self.info.pp_rank, "host": address[0], "port": address[1], "uuid": uuid,
+                "node": this_node()}
 
     def join_weight_transfer(self, backend: str, world_size: int, timeout_s: float = 600.0) -> None:
         """The sender joins its stage's group (blocks until every engine worker joined); others return."""

@@ -347,8 +347,12 @@ class VLLMEngine(RolloutEngine):
                 group.close()
 
     def weight_transfer_devices(self) -> list[dict]:
-        """Per worker: rank, device, GPU UUID (None on CPU), pid."""
-        return self.llm.collective_rpc("tppo_device")
+        """Per worker: rank, device, GPU UUID (None on CPU), pid, node (this engine actor's: its
+        workers run on its machine)."""
+        from megatron_tppo.weights.ipc import this_node
+
+        node = this_node()
+        return [{**d, "node": node} for d in self.llm.collective_rpc("tppo_device")]
 
     def join_weight_transfer(self, groups: list[dict], rank_offset: int) -> list[dict]:
         """Every worker joins one transfer group per policy pipeline stage (blocks until all did).

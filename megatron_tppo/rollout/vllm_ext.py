@@ -18,7 +18,9 @@ Why a worker extension and not vLLM 0.32's weight-transfer engines
   with a ``weight_transfer_config``; the extension needs neither.
 
 So each worker joins a standalone process group (:class:`~megatron_tppo.weights.transfer.TransferGroup`:
-gloo on CPU, NCCL on GPU, from the sender's TCPStore; vLLM's own groups untouched) and feeds ONE
+gloo on CPU, NCCL on GPU, or ipc, where the worker maps the sender's buffers from the handles it
+receives (CUDA IPC on its own device, shared memory on CPU); from the sender's TCPStore; vLLM's
+own groups untouched) and feeds ONE
 generator that receives bucket after bucket into ``reload_weights(weights_iterator=...,
 is_checkpoint_format=True)``: vLLM re-runs its per-layer processing (the oneDNN packing on CPU,
 quantization on GPU) as each layer completes, so memory grows by about one bucket.

@@ -25,11 +25,13 @@ stage: a small constant number of buckets, whatever the model size. Exception: v
 whose loaded size falls short of its parameter (an embedding whose vocabulary vLLM pads to a
 multiple of 64) until the end of the reload, and with it that bucket.
 
-Transports (``rollout.weight_transport``): ``gloo`` moves host buffers (CPU, and the CPU-staged
-fallback on GPU, which also works for colocated engines and across nodes); ``nccl`` runs the same
-collective code on CUDA buffers. NCCL refuses two ranks on one GPU ("Duplicate GPU detected"), so
-it cannot include an engine worker that sits on its sender's GPU (colocated); CUDA IPC, the
-transport for that case, is not implemented (:func:`resolve_transport` says so).
+Transports (``rollout.weight_transport``), one interface: ``gloo`` moves host buffers (CPU, and
+the CPU-staged fallback on GPU, which also works for colocated engines and across nodes); ``nccl``
+runs the same collective code on CUDA buffers. NCCL refuses two ranks on one GPU ("Duplicate GPU
+detected"), so it cannot include an engine worker that sits on its sender's GPU (colocated).
+``ipc`` (:mod:`megatron_tppo.weights.ipc`) fills the same buckets in memory other processes can
+map (CUDA IPC on GPU, shared memory on CPU) and broadcasts only handles over the group's gloo
+channel, then waits for every receiver's ack; only for receivers on the sender's node.
 """
 from __future__ import annotations
 
@@ -50,16 +52,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_transport(requested: str, device: str) -> str:
-    """``rollout.weight_transport`` -> the transport to build: ``gloo`` or ``nccl``.
+    """``rollout.weight_transport`` -> the transport to build: ``gloo``, ``nccl`` or ``ipc``.
 
-    auto: nccl on cuda, gloo on cpu. nccl needs cuda. ipc raises a ValueError: it is not
-    implemented (use gloo for engines that share their GPUs with the trainer, nccl otherwise).
+    auto: nccl on cuda (``WeightSync`` then picks ipc or gloo for colocated engines), gloo on cpu.
+    nccl needs cuda. ipc: CUDA IPC on cuda, shared memory on cpu (same node only, checked by the
+    caller, which knows where the engines run).
     """
     if requested not in TRANSPORTS:
         raise ValueError(f"weight transport must be one of {TRANSPORTS}, got {requested!r}")
-    if requested == "ipc":
-        raise ValueError("rollout.weight_transport=ipc (CUDA IPC) is not implemented; use gloo (host-staged, works "
-                         "for colocated engines) or nccl (engines on GPUs of their own)")
     if requested == "auto":
         return "nccl" if device == "cuda" else "gloo"
     if requested == "nccl" and device != "cuda":
@@ -201,8 +201,9 @@ class TransferGroup:
     """A standalone gloo or NCCL group: rank 0 broadcasts, every other rank receives.
 
     Build it with :meth:`join` on every rank (the sender passes the store from :func:`open_store`,
-    receivers the ``(host, port)`` the sender reported). ``device`` is where buffers live: cpu for
-    gloo, the rank's CUDA device for nccl.
+    receivers the ``(host, port)`` the sender reported). ``device`` is where the collectives'
+    buffers live: cpu for gloo and ipc (whose group carries only handles and acks), the rank's
+    CUDA device for nccl.
     """
 
     def __init__(self, backend: str, store, rank: int, world_size: int, timeout_s: float):
@@ -210,8 +211,9 @@ class TransferGroup:
 
         self.backend, self.rank, self.world_size = backend, rank, world_size
         self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.wire_bytes = 0  # bytes this rank put into / took out of the group's collectives
         prefixed = PrefixStore(f"tppo_weights/{backend}", store)
-        if backend == "gloo":
+        if backend in ("gloo", "ipc"):  # ipc: handles and acks over gloo, the buckets stay in place
             self.device = torch.device("cpu")
             self.pg = _gloo_group(prefixed, rank, world_size, self.timeout, store)
         elif backend == "nccl":
@@ -223,7 +225,7 @@ class TransferGroup:
             opts._timeout = self.timeout
             self.pg = ProcessGroupNCCL(prefixed, rank, world_size, opts)
         else:
-            raise ValueError(f"transfer backend must be gloo or nccl, got {backend!r}")
+            raise ValueError(f"transfer backend must be gloo, nccl or ipc, got {backend!r}")
         self._store = store  # the sender's store serves the group: keep it alive
 
     @classmethod
@@ -242,7 +244,15 @@ class TransferGroup:
     def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
         """In-place broadcast from rank 0 (the tensor must be on :attr:`device`)."""
         self.pg.broadcast(tensor, 0).wait()
+        self.wire_bytes += tensor.numel() * tensor.element_size()
         return tensor
+
+    def ack(self, value: int) -> int:
+        """Sum of every rank's ``value`` (an all-reduce): the receivers' acknowledgement."""
+        t = torch.tensor([int(value)], dtype=torch.int64, device=self.device)
+        self.pg.allreduce([t]).wait()
+        self.wire_bytes += t.numel() * t.element_size()
+        return int(t.item())
 
     def broadcast_object(self, obj=None):
         """Rank 0's picklable ``obj`` on every rank (small control data: bucket layouts)."""
@@ -286,6 +296,9 @@ class TransferStats:
 
     bytes: int = 0
     """Bytes of tensors moved (without alignment padding)."""
+    wire_bytes: int = 0
+    """Bytes through the group's collectives (headers and acks included): the payload plus a
+    little for gloo/nccl, only handles and acks for ipc."""
     buckets: int = 0
     tensors: int = 0
     wire_s: float = 0.0
@@ -300,16 +313,31 @@ class TransferStats:
     """Receivers: (weak reference to a bucket's storage, bytes) of buckets that may still be alive."""
 
     def as_dict(self) -> dict:
-        return {"bytes": self.bytes, "buckets": self.buckets, "tensors": self.tensors, "wire_s": self.wire_s,
-                "seconds": self.seconds, "max_bucket_bytes": max(self.bucket_bytes, default=0),
+        return {"bytes": self.bytes, "wire_bytes": self.wire_bytes, "buckets": self.buckets, "tensors": self.tensors,
+                "wire_s": self.wire_s, "seconds": self.seconds, "max_bucket_bytes": max(self.bucket_bytes, default=0),
                 "peak_live_bytes": self.peak_live_bytes}
 
 
+def _new_buffer(group: TransferGroup, nbytes: int, like: torch.Tensor) -> torch.Tensor:
+    """A bucket's flat buffer: on the group's device, or for ipc one that other processes can map,
+    where the weights are (``like``'s device)."""
+    if group.backend == "ipc":
+        from megatron_tppo.weights.ipc import shared_buffer
+
+        return shared_buffer(nbytes, like.device)
+    return torch.empty(nbytes, dtype=torch.uint8, device=group.device)
+
+
 def _send_bucket(group: TransferGroup, slots: list[Slot], flat: torch.Tensor, stats: TransferStats) -> None:
-    t0 = time.perf_counter()
-    group.broadcast_object((slots, flat.numel()))
-    group.broadcast(flat)
-    stats.wire_s += time.perf_counter() - t0
+    if group.backend == "ipc":
+        from megatron_tppo.weights import ipc
+
+        ipc.send_bucket(group, slots, flat, stats)
+    else:
+        t0 = time.perf_counter()
+        group.broadcast_object((slots, flat.numel()))
+        group.broadcast(flat)
+        stats.wire_s += time.perf_counter() - t0
     stats.buckets += 1
     stats.tensors += len(slots)
     stats.bytes += sum(s.nbytes for s in slots)
@@ -330,7 +358,7 @@ def send_planned(group: TransferGroup, full_params: Iterable[tuple[str, torch.Te
     broadcast each as soon as its last parameter is in (one bucket alive at a time)."""
     from megatron_tppo.weights.hf_mapping import megatron_to_hf
 
-    stats, t_start = TransferStats(), time.perf_counter()
+    stats, t_start, wire0 = TransferStats(), time.perf_counter(), group.wire_bytes
     slot_of = {s.name: s for b in plan.buckets for s in b}
     current, flat, missing = -1, None, 0
     for name, tensor in full_params:
@@ -343,7 +371,7 @@ def send_planned(group: TransferGroup, full_params: Iterable[tuple[str, torch.Te
                                f"expected {current + 1 if flat is None else current}); the plan is stale")
         if flat is None:
             current, missing = index, plan.sources[index]
-            flat = torch.empty(plan.sizes[index], dtype=torch.uint8, device=group.device)
+            flat = _new_buffer(group, plan.sizes[index], tensor)
         for hf_name, t in pairs:
             slot_of[hf_name].view(flat).copy_(t)
         del pairs, tensor
@@ -355,22 +383,24 @@ def send_planned(group: TransferGroup, full_params: Iterable[tuple[str, torch.Te
         raise RuntimeError(f"weight transfer: the stage yielded {current + 1} of {len(plan.buckets)} planned buckets")
     _end_stage(group, stats)
     stats.seconds = time.perf_counter() - t_start
+    stats.wire_bytes = group.wire_bytes - wire0
     return stats
 
 
 @torch.no_grad()
 def send_buckets(group: TransferGroup, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> TransferStats:
     """Sender: broadcast ready-made buckets of (HF name, tensor) (engine-local reloads)."""
-    stats, t_start = TransferStats(), time.perf_counter()
+    stats, t_start, wire0 = TransferStats(), time.perf_counter(), group.wire_bytes
     for bucket in buckets:
         slots, size = layout(bucket)
-        flat = torch.empty(size, dtype=torch.uint8, device=group.device)
+        flat = _new_buffer(group, size, bucket[0][1])
         for slot, (_, t) in zip(slots, bucket):
             slot.view(flat).copy_(t)
         _send_bucket(group, slots, flat, stats)
         del flat
     _end_stage(group, stats)
     stats.seconds = time.perf_counter() - t_start
+    stats.wire_bytes = group.wire_bytes - wire0
     return stats
 
 
@@ -379,11 +409,23 @@ def receive(group: TransferGroup, stats: Optional[TransferStats] = None,
     """Receiver: yield ``(HF name, tensor)`` views of each bucket as it arrives, until the stage ends.
 
     A fresh buffer per bucket (never reused): the consumer may keep views of a bucket while the
-    next one arrives. ``device`` (default: the group's) is where the views live.
+    next one arrives. ``device`` (default: the group's) is where the views live. Over ipc the
+    buffer is the sender's own, mapped into this process (a CUDA handle on ``device``).
     """
-    from torch.multiprocessing.reductions import StorageWeakRef
-
     stats = stats if stats is not None else TransferStats()
+    wire0 = group.wire_bytes
+    try:
+        yield from _receive(group, stats, device)
+    finally:
+        stats.wire_bytes += group.wire_bytes - wire0
+
+
+def _arrivals(group: TransferGroup, stats: TransferStats, device) -> Iterator[tuple[list[Slot], torch.Tensor]]:
+    if group.backend == "ipc":
+        from megatron_tppo.weights import ipc
+
+        yield from ipc.receive(group, stats, device)
+        return
     while True:
         t0 = time.perf_counter()
         header = group.broadcast_object()
@@ -393,6 +435,15 @@ def receive(group: TransferGroup, stats: Optional[TransferStats] = None,
         slots, size = header
         flat = group.broadcast(torch.empty(size, dtype=torch.uint8, device=group.device))
         stats.wire_s += time.perf_counter() - t0
+        yield slots, flat
+        del flat
+
+
+def _receive(group: TransferGroup, stats: TransferStats, device) -> Iterator[tuple[str, torch.Tensor]]:
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    for slots, flat in _arrivals(group, stats, device):
+        size = flat.numel()
         if device is not None and flat.device != device:
             flat = flat.to(device)
         # earlier buckets stay alive while the engine holds views of them

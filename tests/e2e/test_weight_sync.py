@@ -5,7 +5,9 @@ The engines start from one random model, the policy loads another; after a sync 
 log-probs must equal the policy's own (megatron forward) to 1e-4. Two layouts cover the cases:
 policy TP=2 into one TP=2 engine (tied embeddings; vLLM's multiprocess executor), and policy PP=2
 (one sender per stage) into two TP=1 engines (untied, a model some 25x the bucket, where memory is
-checked: senders and receivers grow by a few buckets at most, not by the model).
+checked: senders and receivers grow by a few buckets at most, not by the model). The first also
+runs the ipc transport on the same actors (the engine's worker processes map the sender's
+shared-memory buckets): exact, only handles on the wire, and the same engine as after gloo.
 """
 from __future__ import annotations
 
@@ -80,11 +82,12 @@ def cluster_parts(tmp_path):
         part.shutdown()
 
 
-def test_policy_tp2_into_tp2_engine_tied(cluster_parts):
+def test_policy_tp2_into_tp2_engine_tied(cluster_parts, tmp_path):
     from megatron_tppo.controller.weight_sync import WeightSync
 
-    cfg = make_cfg(TINY_MODEL, ["parallel.policy.tensor_parallel=2", "rollout.tensor_parallel=2",
-                                "rollout.num_engines=1", "rollout.weight_sync_bucket_mb=1"])
+    layout = ["parallel.policy.tensor_parallel=2", "rollout.tensor_parallel=2", "rollout.num_engines=1",
+              "rollout.weight_sync_bucket_mb=1"]
+    cfg = make_cfg(TINY_MODEL, layout)
     assert cfg.model.tie_word_embeddings
     policy, rollout = cluster_parts(cfg)
     want = policy_logprobs(policy, SEQS)
@@ -103,8 +106,28 @@ def test_policy_tp2_into_tp2_engine_tied(cluster_parts):
         assert m2["perf/weight_sync_buckets"] == m["perf/weight_sync_buckets"]
         (again,) = engine_logprobs(rollout, SEQS)
         assert worst(again, want) < 1e-4
+        assert m["perf/weight_sync_wire_mb"] * 2**20 >= m["perf/weight_sync_gb"] * 1e9  # gloo: the bytes themselves
     finally:
         sync.close()
+
+    # the same actors over ipc: first the engine's starting model A, then B again
+    ipc = WeightSync(policy, rollout, make_cfg(TINY_MODEL, layout + ["rollout.weight_transport=ipc"]))
+    try:
+        assert ipc.backend == "ipc"
+        policy.load_hf(str(tmp_path / "engine_start"))
+        want_a = policy_logprobs(policy, SEQS)
+        assert worst(want_a, want) > 1e-2
+        m3 = ipc.sync(version=3)
+        (got_a,) = engine_logprobs(rollout, SEQS)
+        assert worst(got_a, want_a) < 1e-4, worst(got_a, want_a)
+        assert m3["perf/weight_sync_buckets"] == m["perf/weight_sync_buckets"]
+        assert m3["perf/weight_sync_wire_mb"] * 2**20 < 0.01 * m3["perf/weight_sync_gb"] * 1e9, m3  # handles only
+        policy.load_hf(str(tmp_path / "policy"))
+        ipc.sync(version=4)
+        (got_b,) = engine_logprobs(rollout, SEQS)
+        assert all(torch.equal(x, y) for x, y in zip(got_b, after))  # the very engine that gloo's sync made
+    finally:
+        ipc.close()
 
 
 def test_policy_pp2_into_two_tp1_engines_untied_memory(cluster_parts):

@@ -1,6 +1,7 @@
 """tools/check_parity.py --vllm-tp 2: a TP=2 vLLM engine (worker processes) started from random
 weights and loaded only through the run's sync path (gloo transfer groups, one sender per pipeline
-stage) matches megatron and HF to 1e-4, for a tied (Qwen2) and an untied (Llama) model."""
+stage) matches megatron and HF to 1e-4, for a tied (Qwen2) and an untied (Llama) model; the Llama
+case syncs over the ipc transport (the worker processes map the senders' shared-memory buckets)."""
 from __future__ import annotations
 
 import pytest
@@ -11,11 +12,12 @@ from tests.tools.test_convert import LLAMA, QWEN, run_tool
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("key, model, layouts", [("qwen", QWEN, "2x1,1x2"), ("llama", LLAMA, "1x2")])
-def test_check_parity_vllm_tp2(tmp_path, key, model, layouts):
+@pytest.mark.parametrize("key, model, layouts, transport",
+                         [("qwen", QWEN, "2x1,1x2", "gloo"), ("llama", LLAMA, "1x2", "ipc")])
+def test_check_parity_vllm_tp2(tmp_path, key, model, layouts, transport):
     hf = save_random_hf_model(model, tmp_path / key, seed=3)
     rc, so, se = run_tool("check_parity", "--hf-dir", hf, "--layouts", layouts, "--vllm-tp", "2",
-                          "--bucket-mb", "0.02", "--tol", "1e-4", timeout=600)
+                          "--bucket-mb", "0.02", "--tol", "1e-4", "--transport", transport, timeout=600)
     assert rc == 0, so[-3000:] + se[-3000:]
     lines = so.strip().splitlines()
     assert lines[-1].endswith("OK)") and float(lines[-1].split("=")[1].split()[0]) < 1e-4

@@ -109,3 +109,16 @@ def test_make_plan_counts_placement_gpus():
     cfg = load_config(RECIPE, [])
     plan = P.make_plan(cfg, 4, 8)
     assert plan.numbers["gpus_used"] == 32 and plan.placement.gpus_requested == 32
+
+
+def test_ipc_across_nodes_is_refused_naming_the_field():
+    # the 32B recipe on 4 nodes: engines on every node, the stage senders on nodes 0 and 1
+    cfg = load_config(RECIPE, ["rollout.weight_transport=ipc"])
+    with pytest.raises(PlacementError, match=r"rollout\.weight_transport=ipc: engine 0 runs on node 0, the pipeline "
+                                              r"stage 1 sender on node 1"):
+        plan_placement(cfg, 4, 8)
+    # one node: every engine worker shares its senders' node -> placed (and auto plans the sync over ipc)
+    tiny = load_config(TINY, ["rollout.weight_transport=ipc", "rollout.colocate=true", "rollout.num_engines=1"])
+    assert plan_placement(tiny, 1, 8).engines
+    auto = load_config(TINY, ["rollout.colocate=true", "rollout.num_engines=1", "parallel.device=cuda"])
+    assert "over ipc" in "\n".join(P.make_plan(auto, nodes=1, gpus_per_node=8).lines)

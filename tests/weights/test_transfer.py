@@ -1,8 +1,13 @@
 """The wire format of megatron_tppo.weights.transfer on a real 2-rank gloo group (two threads):
 planned buckets from meta shapes equal the real bucketing, a round trip is bit-exact, a stream
-that leaves the plan is refused, and transport names resolve as documented."""
+that leaves the plan is refused, and transport names resolve as documented. The ipc transport
+runs between real processes (this one sending, two receivers of their own): bit-exact, through
+shared memory, with only handles on the wire."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -14,6 +19,7 @@ from megatron_tppo.weights.buckets import hf_buckets
 from megatron_tppo.weights.hf_config import random_hf_model
 from megatron_tppo.weights.transfer import (
     TransferGroup, TransferStats, open_store, plan_stage, receive, resolve_transport, send_buckets, send_planned)
+from tests.conftest import REPO
 
 M = ModelConfig(arch="qwen2", num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=2,
                 num_query_groups=1, vocab_size=100, max_position_embeddings=32, qkv_bias=True,
@@ -60,6 +66,7 @@ def test_plan_equals_real_buckets_and_round_trip_is_exact(megatron_sd):
     want = hm.megatron_state_dict_to_hf(megatron_sd, M)
     assert [n for n, _ in got] == list(want) and all(torch.equal(t, want[n]) for n, t in got)
     assert out["result"].buckets == stats.buckets == len(plan.buckets) and stats.bytes == plan.nbytes
+    assert out["result"].wire_bytes >= plan.nbytes and stats.wire_bytes == out["result"].wire_bytes  # bytes on the wire
     assert stats.peak_live_bytes <= 2 * max(plan.sizes)  # the clones above let every bucket go at once
 
 
@@ -80,7 +87,41 @@ def test_send_buckets_mixed_dtypes():
 def test_resolve_transport():
     assert resolve_transport("auto", "cpu") == "gloo" and resolve_transport("auto", "cuda") == "nccl"
     assert resolve_transport("gloo", "cuda") == "gloo"
+    assert resolve_transport("ipc", "cuda") == "ipc" and resolve_transport("ipc", "cpu") == "ipc"
     with pytest.raises(ValueError, match="needs CUDA"):
         resolve_transport("nccl", "cpu")
-    with pytest.raises(ValueError, match="not implemented"):
-        resolve_transport("ipc", "cuda")
+    with pytest.raises(ValueError, match="must be one of"):
+        resolve_transport("shm", "cpu")
+
+
+def test_ipc_between_processes_is_exact_in_shared_memory_with_handles_on_the_wire(megatron_sd, tmp_path):
+    bound = 20_000
+    plan = plan_stage([(n, t.shape, t.dtype) for n, t in megatron_sd.items()], M, bound)
+    assert len(plan.buckets) >= 4
+    store = open_store("127.0.0.1", timeout_s=60)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    outs = [tmp_path / f"rank{r}.pt" for r in (1, 2)]
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.weights._ipc_receiver", "127.0.0.1", str(store.port),
+                               str(r), "3", str(out)], cwd=REPO, env=env) for r, out in zip((1, 2), outs)]
+    try:
+        group = TransferGroup.join("ipc", 0, 3, store=store, timeout_s=60)
+        sent = send_planned(group, iter(megatron_sd.items()), plan, M)
+        assert [p.wait(timeout=120) for p in procs] == [0, 0]
+        group.close()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    want = hm.megatron_state_dict_to_hf(megatron_sd, M)
+    for out in outs:
+        got = torch.load(out)
+        assert [n for n, _ in got["tensors"]] == list(want)
+        assert all(t.dtype == want[n].dtype and torch.equal(t, want[n]) for n, t in got["tensors"])
+        assert all(got["shared"])  # every view lies in shared memory: the sender's pages, mapped
+        assert got["stats"]["buckets"] == len(plan.buckets) and got["stats"]["bytes"] == plan.nbytes
+        # the views outlived the sender's release of each bucket (it keeps one at a time)
+        assert got["stats"]["peak_live_bytes"] == sum(plan.sizes)
+    assert sent.peak_live_bytes == max(plan.sizes)
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"tppo_weights_{os.getpid()}_")]  # all unlinked
+    # only handles and acks crossed the group: per bucket a few hundred bytes per receiver
+    assert sent.wire_bytes < len(plan.buckets) * 2 * 2048 < plan.nbytes / 4, (sent.wire_bytes, plan.nbytes)
