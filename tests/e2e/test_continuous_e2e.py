@@ -35,7 +35,10 @@ def test_e2e_continuous_resume_reaches_the_same_metrics(ray_cluster, tiny_model,
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
     _, straight = run_tiny(straight_dir, tiny_model, CONTINUOUS + RESUME_COMMON)
     run_tiny(resumed_dir, tiny_model, CONTINUOUS + RESUME_COMMON + ["steps=2", "checkpoint.keep_last=1"])
+    assert (resumed_dir / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
     run_tiny(resumed_dir, tiny_model, CONTINUOUS + RESUME_COMMON + ["checkpoint.keep_last=1", "checkpoint.resume=true"])
+    # (window refill's resume against a straight run: test_faults.py, after SIGTERM and after kill -9)
+    assert sorted(p.name for p in (resumed_dir / "checkpoints").iterdir()) == ["step_00000004"]  # keep_last=1
     resumed = read_scalars(resumed_dir / "tensorboard")
     assert_same_metrics(straight, resumed, (3, 4))
     assert dict(resumed["rollout/slot_utilization"])[4] == dict(straight["rollout/slot_utilization"])[4]
