@@ -81,7 +81,11 @@ def sample_responses(model_dir: Path, cfg, n_prompts: int, seed: int) -> list[di
     child = ctx.Process(target=_generate_child, args=(str(model_dir), cfg, [p.prompt_ids for p in prompts], seed, send))
     child.start()
     send.close()
-    got = recv.recv()
+    try:
+        got = recv.recv()
+    except EOFError:  # the child died without a word (killed, out of memory, a crash in native code)
+        child.join()
+        raise SystemExit(f"[pretrain_value] the sampling process died (exit code {child.exitcode})") from None
     child.join()
     if isinstance(got, BaseException):
         raise SystemExit(f"[pretrain_value] sampling failed: {got!r}")
