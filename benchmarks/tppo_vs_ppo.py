@@ -70,6 +70,7 @@ def summarize(name: str, cfg, tags: dict, wall_s: float, target_delta: float) ->
     def total_of(tag):
         return sum(tags.get(tag, {}).get(s, 0.0) for s in steps)
 
+    finished = total_of("rollout/finished_count")
     util = [tags["rollout/slot_utilization"][s] for s in steps if s in tags.get("rollout/slot_utilization", {})]
     return {
         "mode": name, "window_tokens": cfg.rollout.window_tokens, "refill": cfg.rollout.refill, "steps": len(steps),
@@ -82,6 +83,10 @@ def summarize(name: str, cfg, tags: dict, wall_s: float, target_delta: float) ->
         "slot_utilization": sum(util) / len(util) if util else float("nan"),
         "generated_tokens": total_of("rollout/generated_tokens"),
         "generated_tokens_per_s": total_of("rollout/generated_tokens") / total if total else float("nan"),
+        "finished_responses": finished,
+        # item 5's unit, measured: seconds per 1,000 finished responses, whole step and generation only
+        "step_s_per_1000_finished": 1000 * total / finished if finished else float("nan"),
+        "generate_s_per_1000_finished": 1000 * total_of(PHASES["generate"]) / finished if finished else float("nan"),
         "accuracy_curve": curve,
     }
 
@@ -119,7 +124,7 @@ def run_seed(a, seed: int) -> dict:
 
 def table(res: dict) -> str:
     head = (f"{'mode':<16}{'window':>7}{'steps':>6}{'train s':>8}{'eval s':>7}{'acc0':>7}{'final':>7}{'best':>7}"
-            f"{'s->tgt':>8}{'gen%':>6}{'val%':>6}{'trn%':>6}{'syn%':>6}{'util':>6}{'tok/s':>7}")
+            f"{'s->tgt':>8}{'gen%':>6}{'val%':>6}{'trn%':>6}{'syn%':>6}{'util':>6}{'tok/s':>7}{'s/1k':>7}{'gen/1k':>7}")
     lines = [f"seed {res['seed']}, training budget {res['budget_s']:g} s per mode (evaluation excluded)", head,
              "-" * len(head)]
     for x in res["modes"].values():
@@ -128,7 +133,8 @@ def table(res: dict) -> str:
         lines.append(f"{x['mode']:<16}{x['window_tokens']:>7}{x['steps']:>6}{x['train_s']:>8.0f}{x['eval_s']:>7.0f}"
                      f"{x['start_accuracy']:>7.3f}{x['final_accuracy']:>7.3f}{x['best_accuracy']:>7.3f}{reach:>8}"
                      + "".join(f"{100 * sh[k]:>6.0f}" for k in PHASES)
-                     + f"{x['slot_utilization']:>6.2f}{x['generated_tokens_per_s']:>7.0f}")
+                     + f"{x['slot_utilization']:>6.2f}{x['generated_tokens_per_s']:>7.0f}"
+                     f"{x['step_s_per_1000_finished']:>7.0f}{x['generate_s_per_1000_finished']:>7.0f}")
     m = res["modes"]
     for a_, b_ in (("ppo", "tppo"), ("tppo", "tppo_continuous"), ("ppo", "tppo_continuous")):
         if a_ in m and b_ in m and m[a_]["time_to_target_s"] and m[b_]["time_to_target_s"]:

@@ -400,7 +400,14 @@ def make_plan(cfg: TPPOConfig, nodes: int, gpus_per_node: int, gpu: GPU = GPU(),
                    gen_decode_s=t_decode, reprefill_s=t_prefill,
                    reprefill_tokens_per_engine=slots_per_engine * prefill_ctx,
                    sync_gb=sync_bytes / 1e9, step_s=total_t,
-                   params=float(n_policy))
+                   params=float(n_policy), critic_params=float(n_critic), prompt_tokens=float(prompt_tokens),
+                   running_per_engine=batch, t_iter=t_iter,
+                   # seconds per FLOP of each phase, and causal attention's FLOPs per token per context
+                   # token (x3 for training), for models that count their own tokens (projection.py)
+                   policy_s_per_flop=1.0 / (pol.world_size * peak * gpu.train_mfu),
+                   critic_s_per_flop=1.0 / (cri.world_size * peak * gpu.train_mfu),
+                   prefill_s_per_flop=1.0 / (r.tensor_parallel * gpu.peak_tflops_bf16 * 1e12 * 0.5),
+                   attn_flops_per_ctx=2.0 * m.num_layers * m.hidden_size)
     if fit_errors:
         raise PlanError("layout does not fit in GPU memory:\n  " + "\n  ".join(fit_errors)
                         + "\n" + "\n".join(lines))

@@ -1,21 +1,37 @@
 """Wall-clock per 1,000 finished responses for PPO, T-PPO and continuous T-PPO (issue 13 item 5).
 
-A steady-state model on top of the plan's own per-step costs (:func:`megatron_tppo.plan.make_plan`):
-from one plan per mode it takes the decode-iteration time ``t_iter``, the running sequences per
-engine ``B`` (KV-cache bound), the number of engines ``E``, the training seconds for a step of
-``num_slots x window`` tokens and the weight-sync seconds. For a response-length distribution
-``p(l)`` on ``1..L`` (capped at ``L = max_response_tokens``), with ``S`` slots and window ``W``:
+A steady-state model on the plan's own unit costs (:func:`megatron_tppo.plan.make_plan`): the
+decode-iteration time ``t_iter`` and running sequences per engine ``B`` (KV-cache bound) of each
+mode's plan, the number of engines ``E``, the seconds per FLOP of the policy, the critic and
+prefill, and the weight-sync seconds. For a response-length distribution ``p(l)`` on ``1..L``
+(capped at ``L = max_response_tokens``), with ``S`` slots, window ``W`` and prompt ``P``:
 
     mode             tokens per step T      finished per step F     longest piece per step
     ppo (W >= L)     S E[l]                 S                       E[max of S lengths]
     tppo (window)    S E[l] / E[ceil(l/W)]  S / E[ceil(l/W)]        W
     tppo_continuous  S W                    S W / E[l]              W
 
-* Generation of a step takes ``max(T / (E B), longest) * t_iter``: the engines cannot run more
-  than ``B`` sequences at once, and the step cannot end before its longest piece is decoded.
-* Training takes the plan's training seconds scaled by ``T / (S W_plan)`` (cost linear in tokens),
-  weight sync the plan's seconds once per step.
+* Pieces: a response reaches the trainers in pieces, one per step it lives through, ending at
+  ``e_1 < e_2 < ... = l`` tokens. PPO: one piece. Window refill: ends at ``W, 2W, ...``.
+  Continuous refill: a response starts anywhere inside a step, so its ends are ``W-u, 2W-u, ...``
+  with the offset ``u`` uniform on ``0..W-1`` (a slot decodes about ``W`` tokens per step).
+* Every piece is trained and valued with its whole context ``c = P + e_j`` (TPPO.md section 3:
+  earlier windows are context, forward and backward, without loss), and a piece after the first
+  is prefilled again from ``P + e_(j-1)`` (the sync resets vLLM's prefix cache). A row of context
+  ``c`` costs ``c (k N + a c)`` FLOPs, ``k`` = 6 (training) or 2 (forward), ``a`` the causal
+  attention term (the plan's formula). Per finished response: the policy trains on its pieces; the
+  critic computes values on its pieces and trains once on the finished response; they run on
+  disjoint GPUs at once (the plan's split), so training takes the slower of the two.
+* Generation of a step: ``max(T / (E B), longest) * t_iter`` of decoding plus the step's
+  prefill spread over the engines.
 * Wall-clock per 1,000 finished responses = ``1000 x step seconds / F``.
+
+Checked against the CPU benchmark (benchmarks/tppo_vs_ppo.py, the long-tailed task, W = L/4):
+on the SFT model's lengths (benchmarks/results/longtail_lengths.json, prompts of 73 tokens) these
+pieces give 1.54x (window) and 1.81x (continuous) PPO's context tokens per generated token; the
+seed-1234 runs spent 1.61x and 1.48x PPO's training seconds, 1.74x and 1.62x its value-forward
+seconds, per generated token. tests/unit/test_projection.py checks the pieces against the real
+window pool.
 
 Where this model and the paper (up to 2.5x less wall-clock at equal accuracy) differ
     * The paper's gain is at equal ACCURACY; this is wall-clock per finished response: it does not
@@ -24,12 +40,14 @@ Where this model and the paper (up to 2.5x less wall-clock at equal accuracy) di
       finds at few nodes), generation is token-bound: every mode pays the same per token and PPO's
       wait for the longest response costs little. The tail only dominates when there are enough
       engines that ``T / (E B)`` drops below ``L``; the speedup therefore grows with nodes.
+    * Windows cost training: a response of many windows is trained on its prefix once per window.
+      For a long tail most tokens sit in long responses, so T-PPO trains on more context per
+      generated token than PPO; continuous refill, which cuts every response at a random point,
+      more still. Where training is a large share of the step this eats the generation gain.
     * ``t_iter`` is the plan's full-batch iteration time: a half-empty PPO tail iteration is
       counted as expensive as a full one (memory-bound decoding makes this close to true).
     * T-PPO's window steps are upper-bounded at ``W`` iterations (the plan's convention); PPO
       pays the expected maximum of ``S`` lengths, which for a tail reaching the cap is ~``L``.
-    * Training is linear in tokens; attention's growth with context and the critic seeing only
-      finished responses (the plan's split) are kept only through each mode's own plan.
 """
 from __future__ import annotations
 
@@ -74,7 +92,8 @@ def expected_max(dist: Dist, n: int) -> float:
 
 @dataclass(frozen=True)
 class StepCosts:
-    """Per-step costs of one mode from the plan (seconds, and the batch limits)."""
+    """One mode's unit costs from the plan. A row of context ``c`` costs ``c (lin + att c)`` seconds
+    (``*_train``: forward and backward; the critic's value forward is a third of its training)."""
 
     t_iter: float
     """Seconds per decode iteration (all engines in parallel)."""
@@ -82,12 +101,57 @@ class StepCosts:
     """Sequences one engine decodes at once (B)."""
     engines: int
     """Rollout engines (E)."""
-    train_s: float
-    """Training seconds for a step of ``num_slots x window`` tokens."""
     sync_s: float
     """Weight-sync seconds per step."""
-    window: int
-    """The window the plan's training estimate assumed."""
+    prompt_tokens: float = 0.0
+    policy_train: tuple[float, float] = (0.0, 0.0)
+    """(lin, att) of the policy's training."""
+    critic_train: tuple[float, float] = (0.0, 0.0)
+    """(lin, att) of the critic's training."""
+    prefill: tuple[float, float] = (0.0, 0.0)
+    """(lin, att) of one engine prefilling a row."""
+
+
+def row_s(c: float, cost: tuple[float, float]) -> float:
+    """Seconds for one row of context ``c`` at ``cost = (lin, att)``."""
+    return c * (cost[0] + cost[1] * c)
+
+
+def piece_ends(length: int, window: int, offset: int = 0) -> list[int]:
+    """Where a response of ``length`` tokens is cut into steps: ``window - offset``,
+    ``2 window - offset``, ... below ``length``, then ``length`` (``offset`` in ``0..window-1``)."""
+    ends, e = [], window - offset
+    while e < length:
+        ends.append(e)
+        e += window
+    return ends + [length]
+
+
+def offsets(mode: str, window: int, n: int = 16) -> list[int]:
+    """The start offsets a mode averages over: 0 for PPO and window refill; for continuous refill
+    ``n`` evenly spaced values of ``0..window-1`` (all of them when ``window <= n``)."""
+    if mode != "tppo_continuous":
+        return [0]
+    return list(range(window)) if window <= n else [int((k + 0.5) * window / n) for k in range(n)]
+
+
+def response_costs(mode: str, dist: Dist, window: int, costs: StepCosts) -> tuple[float, float, float]:
+    """Expected (policy training, critic, prefill) seconds per finished response (module docstring)."""
+    p = costs.prompt_tokens
+    value = (costs.critic_train[0] / 3, costs.critic_train[1] / 3)
+    us = offsets(mode, window)
+    pol = cri = pre = 0.0
+    for length, prob in dist:
+        a = b = c = 0.0
+        for u in us:
+            ends = piece_ends(length, window, u)
+            a += sum(row_s(p + e, costs.policy_train) for e in ends)
+            b += sum(row_s(p + e, value) for e in ends)
+            c += sum(row_s(p + e, costs.prefill) for e in [0] + ends[:-1])
+        pol += prob * a / len(us)
+        cri += prob * (b / len(us) + row_s(p + length, costs.critic_train))
+        pre += prob * c / len(us)
+    return pol, cri, pre
 
 
 @dataclass(frozen=True)
@@ -109,7 +173,7 @@ class ModeProjection:
 
 
 def project(mode: str, dist: Dist, slots: int, window: int, costs: StepCosts) -> ModeProjection:
-    """One mode's steady-state step (see the module docstring's table)."""
+    """One mode's steady-state step (see the module docstring)."""
     el = mean(dist)
     if mode == "ppo":
         tokens, finished, longest = slots * el, float(slots), expected_max(dist, slots)
@@ -120,9 +184,10 @@ def project(mode: str, dist: Dist, slots: int, window: int, costs: StepCosts) ->
         tokens, finished, longest = float(slots * window), slots * window / el, float(window)
     else:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    pol, cri, pre = response_costs(mode, dist, window, costs)
     iters = max(tokens / (costs.engines * costs.running_per_engine), longest)
-    train = costs.train_s * tokens / (slots * costs.window)
-    return ModeProjection(mode, tokens, finished, iters * costs.t_iter, train, costs.sync_s)
+    gen = iters * costs.t_iter + finished * pre / costs.engines
+    return ModeProjection(mode, tokens, finished, gen, finished * max(pol, cri), costs.sync_s)
 
 
 # ------------------------------------------------------------------------- from the plan (CLI)
@@ -132,7 +197,7 @@ PAPER_SPEEDUP = 2.5
 
 
 def costs_from_plan(cfg, nodes: int, gpus_per_node: int = 8, window: int | None = None) -> StepCosts:
-    """Fill the layout to the cluster (as ``plan --fill``) and read the per-step costs of ``window``."""
+    """Fill the layout to the cluster (as ``plan --fill``) and read the unit costs of ``window``."""
     import copy
 
     from megatron_tppo.plan import fill_layout, make_plan
@@ -143,21 +208,11 @@ def costs_from_plan(cfg, nodes: int, gpus_per_node: int = 8, window: int | None 
     fill_layout(c, nodes * gpus_per_node)
     c.validate()
     n = make_plan(c, nodes, gpus_per_node).numbers
-    engines = c.rollout.num_engines
-    slots_per_engine = c.rollout.num_slots / engines
-    # make_plan: gen_s = slots_per_engine * W / B * t_iter, and its printed B; recover t_iter from
-    # the same numbers: B = the batch it used (KV bound), t_iter = gen_s * B / (slots_per_engine * W)
-    batch = n.get("running_per_engine") or _batch_of(c, n)
-    t_iter = n["gen_s"] * batch / (slots_per_engine * c.rollout.window_tokens)
-    return StepCosts(t_iter, batch, engines, n["train_s"], n["sync_s"], c.rollout.window_tokens)
-
-
-def _batch_of(cfg, numbers: dict) -> float:
-    """Running sequences per engine as make_plan computes it: min(slots per engine, KV tokens / context)."""
-    r = cfg.rollout
-    full = 1024 + r.max_response_tokens
-    ctx = min(1024 + r.window_tokens * (cfg.max_windows + 1) / 2, full)
-    return max(min(r.num_slots / r.num_engines, numbers["kv_tokens_per_engine"] / ctx), 1.0)
+    att = n["attn_flops_per_ctx"]
+    return StepCosts(n["t_iter"], n["running_per_engine"], c.rollout.num_engines, n["sync_s"], n["prompt_tokens"],
+                     policy_train=(6 * n["params"] * n["policy_s_per_flop"], 3 * att * n["policy_s_per_flop"]),
+                     critic_train=(6 * n["critic_params"] * n["critic_s_per_flop"], 3 * att * n["critic_s_per_flop"]),
+                     prefill=(2 * n["params"] * n["prefill_s_per_flop"], att * n["prefill_s_per_flop"]))
 
 
 def compare_modes(cfg, nodes_list=(4, 8, 16), median: float | None = None, sigma: float = 1.0,
