@@ -13,9 +13,10 @@ Modes
     * ``tppo_continuous``: ``rollout.refill=continuous`` (a finished slot takes the next sample at
       once; a step ends on ``num_slots x window_tokens`` generated tokens).
 
-A PPO step generates whole responses, a T-PPO step one window, so PPO evaluates every
-``ceil(eval_every * window / max_response)`` steps (about as often in generated tokens) and its
-critic warm-up is scaled the same way. Nothing else differs between the modes.
+Every mode evaluates at the same training times (``data.eval_every_s``, ``--eval-every-s``), so
+no mode sees the target on a finer grid. A PPO step generates whole responses, a T-PPO step one
+window, so PPO's critic warm-up (if any) is scaled to about as many generated tokens. Nothing else
+differs between the modes.
 
 Per mode: start/final/best held-out accuracy, ``time_to_target_s`` (training seconds, i.e. the sum
 of ``perf/step_s``, to the first evaluation at or above start + 0.05; null if never), the phase
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -98,10 +100,10 @@ def mode_configs(a, seed: int) -> dict:
     def scaled(n: int) -> int:  # T-PPO steps -> PPO steps generating about as many tokens
         return max(1, math.ceil(n * r.window_tokens / r.max_response_tokens))
 
+    # every mode evaluates at the same training times (data.eval_every_s), whatever its step length
     common = [f"seed={seed}", f"time_budget_s={a.budget_s}", "time_budget_excludes_eval=true", "steps=100000",
-              "logging.progress_bar=false", f"data.eval_every={a.eval_every}"]
+              "logging.progress_bar=false", "data.eval_every=1", f"data.eval_every_s={a.eval_every_s}"]
     extra = {"ppo": [f"rollout.window_tokens={r.max_response_tokens}", "rollout.refill=window",
-                     f"data.eval_every={scaled(a.eval_every)}",
                      f"algorithm.critic_warmup_steps={scaled(base.algorithm.critic_warmup_steps)}"],
              "tppo": ["rollout.refill=window"], "tppo_continuous": ["rollout.refill=continuous"]}
     return {m: load_config(a.config, a.overrides + common + extra[m]
@@ -115,6 +117,7 @@ def run_seed(a, seed: int) -> dict:
     for name, cfg in mode_configs(a, seed).items():
         print(f"[tppo_vs_ppo] seed {seed}: {name} (window {cfg.rollout.window_tokens}, refill {cfg.rollout.refill})",
               flush=True)
+        shutil.rmtree(cfg.logging.output_dir, ignore_errors=True)  # a fresh run: no old events mixed in
         t0 = time.time()
         run(cfg)
         out["modes"][name] = summarize(name, cfg, scalars(Path(cfg.logging.output_dir) / "tensorboard"),
@@ -149,7 +152,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=None, help="one seed (default: the config's)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="several seeds in one invocation")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    p.add_argument("--eval-every", type=int, default=8, help="T-PPO steps between evaluations")
+    p.add_argument("--eval-every-s", type=float, default=80.0,
+                   help="training seconds between evaluations (the same for every mode)")
     p.add_argument("--target-delta", type=float, default=0.05, help="target = start accuracy + this")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tppo_vs_ppo.json"))
     p.add_argument("--run-dir", default="runs/bench_tppo_vs_ppo")
@@ -160,14 +164,24 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     from plot_png import line_chart
 
+    results = []
     for seed in seeds:
         res = run_seed(a, seed)
+        results.append(res)
         path = out if len(seeds) == 1 else out.with_name(f"{out.stem}_seed{seed}{out.suffix}")
         path.write_text(json.dumps(res, indent=1) + "\n")
         line_chart(path.with_suffix(".png"), {k: v["accuracy_curve"] for k, v in res["modes"].items()},
                    f"held-out accuracy vs training seconds (seed {seed}, budget {a.budget_s:g} s, eval excluded)",
                    "training wall-clock s", "accuracy")
         print("\n" + table(res) + f"\nwrote {path} and {path.with_suffix('.png')}", flush=True)
+    if len(seeds) > 1:  # the file: the first seed's record at the top, every seed under "seeds"
+        combined = {**results[0], "seeds": {str(r["seed"]): r for r in results}}
+        out.write_text(json.dumps(combined, indent=1) + "\n")
+        line_chart(out.with_suffix(".png"), {f"{k} s{r['seed']}": v["accuracy_curve"]
+                                             for r in results for k, v in r["modes"].items()},
+                   f"held-out accuracy vs training seconds (seeds {' '.join(map(str, seeds))}, budget "
+                   f"{a.budget_s:g} s, eval excluded)", "training wall-clock s", "accuracy")
+        print(f"wrote {out} and {out.with_suffix('.png')}", flush=True)
     return 0
 
 

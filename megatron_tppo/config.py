@@ -295,6 +295,10 @@ class DataConfig:
     """Prompt template; ``{prompt}`` is replaced by the row's prompt."""
     eval_every: int = 10
     """Evaluate on the held-out set every N steps; 0 disables evaluation."""
+    eval_every_s: float = 0.0
+    """Evaluate every this many seconds of training instead of every ``eval_every`` steps: after
+    the first step that takes the sum of step seconds (evaluations excluded) past the next multiple
+    (and after the last step). 0: by steps. Needs ``eval_every`` > 0 (0 disables evaluation)."""
     eval_samples_per_prompt: int = 4
     """k in pass@1 averaged over k samples."""
     eval_prompts: int = 128
@@ -518,6 +522,9 @@ class TPPOConfig:
         if d.task in ("jsonl", "parquet"):
             check(d.train_path is not None, "data.train_path", f"required when data.task={d.task!r}")
         check(d.eval_every >= 0, "data.eval_every", "must be >= 0")
+        check(d.eval_every_s >= 0, "data.eval_every_s", f"must be >= 0, got {d.eval_every_s}")
+        check(d.eval_every_s == 0 or d.eval_every > 0, "data.eval_every_s",
+              "evaluates on the training clock only while data.eval_every > 0 (0 disables evaluation)")
         check(d.eval_samples_per_prompt >= 1, "data.eval_samples_per_prompt", "must be >= 1")
         check(d.eval_prompts >= 1, "data.eval_prompts", "must be >= 1")
         check("{prompt}" in d.template, "data.template", "must contain the placeholder {prompt}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -154,6 +155,34 @@ class CheckpointCadence:
         self.last_save = self.clock()
 
 
+class EvalCadence:
+    """When the step loop evaluates on the held-out set (``data.eval_every``, ``data.eval_every_s``).
+
+    ``every_steps`` 0: never. Otherwise after every ``every_steps``-th step, or, with
+    ``every_s`` > 0 instead, after the first step that takes the training clock (the sum of the
+    steps' seconds since the loop started, evaluations excluded) to or past the next multiple of
+    ``every_s``; and after the run's last step either way. A run evaluated on the training clock
+    evaluates at the same training times whatever its step length (benchmarks/tppo_vs_ppo.py).
+    """
+
+    def __init__(self, every_steps: int, every_s: float = 0.0):
+        self.every_steps, self.every_s = every_steps, every_s
+        self.train_s = 0.0
+        self.next_s = every_s
+
+    def due(self, steps_done: int, step_s: float, last: bool = False) -> bool:
+        """A step of ``step_s`` seconds just made ``steps_done`` steps: evaluate now?"""
+        self.train_s += step_s
+        if self.every_steps <= 0:
+            return False
+        if self.every_s > 0:
+            crossed = self.train_s >= self.next_s
+            if crossed:
+                self.next_s = (math.floor(self.train_s / self.every_s) + 1) * self.every_s
+            return crossed or last
+        return steps_done % self.every_steps == 0 or last
+
+
 def initialize(cfg: TPPOConfig, loop, model_dir: Path) -> int:
     """Load the starting weights; returns the first step to run.
 
@@ -261,6 +290,7 @@ def run(cfg: TPPOConfig) -> dict:
                    dynamic_ncols=True)
         ckpt_root = run_checkpoint.checkpoint_root(out)
         cadence = CheckpointCadence(cfg.checkpoint.save_every, cfg.checkpoint.save_every_s)
+        evals = EvalCadence(cfg.data.eval_every, cfg.data.eval_every_s)
         deadline = time.monotonic() + cfg.time_budget_s if cfg.time_budget_s > 0 else float("inf")
         for step in bar:
             metrics = loop.step(step, _stop_check(stop, out, step))
@@ -272,7 +302,7 @@ def run(cfg: TPPOConfig) -> dict:
                 break
             out_of_time = time.monotonic() >= deadline
             last = step + 1 == cfg.steps or out_of_time
-            evaluate = cfg.data.eval_every > 0 and ((step + 1) % cfg.data.eval_every == 0 or last)
+            evaluate = evals.due(step + 1, metrics.get("perf/step_s", 0.0), last)
             if task.eval_prompts and evaluate and loop.stopped_after is None:
                 metrics.update(loop.evaluate())
                 if cfg.time_budget_excludes_eval:  # training time only: move the deadline past the evaluation
