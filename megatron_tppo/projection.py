@@ -1,9 +1,11 @@
 """Wall-clock per 1,000 finished responses for PPO, T-PPO and continuous T-PPO (issue 13 item 5).
 
-A steady-state model on the plan's own unit costs (:func:`megatron_tppo.plan.make_plan`): the
-decode-iteration time ``t_iter`` and running sequences per engine ``B`` (KV-cache bound) of each
-mode's plan, the number of engines ``E``, the seconds per FLOP of the policy, the critic and
-prefill, and the weight-sync seconds. For a response-length distribution ``p(l)`` on ``1..L``
+A steady-state model on the plan's own unit costs (:func:`megatron_tppo.plan.make_plan`): its
+decode roofline (weights and KV read per iteration, HBM bandwidth), the engines' KV capacity, the
+number of engines ``E``, the seconds per FLOP of the policy, the critic and prefill, and the
+weight-sync seconds. The running sequences per engine ``B`` are its slots, or fewer when their KV
+at the distribution's mean decoding context does not fit (:func:`decode_context`: the same in
+every mode); the decode iteration ``t_iter`` follows from ``B``. For a response-length distribution ``p(l)`` on ``1..L``
 (capped at ``L = max_response_tokens``), with ``S`` slots, window ``W`` and prompt ``P``:
 
     mode             tokens per step T      finished per step F     longest piece per step
@@ -44,8 +46,9 @@ Where this model and the paper (up to 2.5x less wall-clock at equal accuracy) di
       For a long tail most tokens sit in long responses, so T-PPO trains on more context per
       generated token than PPO; continuous refill, which cuts every response at a random point,
       more still. Where training is a large share of the step this eats the generation gain.
-    * ``t_iter`` is the plan's full-batch iteration time: a half-empty PPO tail iteration is
-      counted as expensive as a full one (memory-bound decoding makes this close to true).
+    * ``t_iter`` is a full batch's iteration time (weights plus ``B`` sequences' KV): a half-empty
+      PPO tail iteration is counted as expensive as a full one. Where the weights dominate the
+      bytes read this is close to true; where the KV does it favours T-PPO.
     * T-PPO's window steps are upper-bounded at ``W`` iterations (the plan's convention); PPO
       pays the expected maximum of ``S`` lengths, which for a tail reaching the cap is ~``L``.
 """
@@ -196,8 +199,20 @@ PAPER_SPEEDUP = 2.5
 """T-PPO paper: up to 2.5x less wall-clock than PPO at equal accuracy (Qwen2.5-32B, AIME)."""
 
 
-def costs_from_plan(cfg, nodes: int, gpus_per_node: int = 8, window: int | None = None) -> StepCosts:
-    """Fill the layout to the cluster (as ``plan --fill``) and read the unit costs of ``window``."""
+def decode_context(dist: Dist, prompt_tokens: float) -> float:
+    """Mean context of a decoding sequence, token-weighted: the t-th token of a response (t = 1..l)
+    is decoded at context ``P + t``, so ``P + E[l (l+1) / 2] / E[l]``. How a response is cut into
+    windows does not change it, so every mode holds the same KV per running sequence."""
+    return prompt_tokens + mean(dist, lambda l: l * (l + 1) / 2) / mean(dist)
+
+
+def costs_from_plan(cfg, nodes: int, dist: Dist, gpus_per_node: int = 8, window: int | None = None,
+                    resident: bool = False) -> StepCosts:
+    """Fill the layout to the cluster (as ``plan --fill``) and read the unit costs of ``window``.
+
+    The decode batch ``B``: the engine's slots, or fewer when their KV (at :func:`decode_context`)
+    does not fit its cache; ``resident``: all its slots regardless. A decode iteration reads the
+    weights and the running sequences' KV, or is bound by their compute (the plan's roofline)."""
     import copy
 
     from megatron_tppo.plan import fill_layout, make_plan
@@ -208,8 +223,12 @@ def costs_from_plan(cfg, nodes: int, gpus_per_node: int = 8, window: int | None 
     fill_layout(c, nodes * gpus_per_node)
     c.validate()
     n = make_plan(c, nodes, gpus_per_node).numbers
+    ctx = decode_context(dist, n["prompt_tokens"])
+    slots = n["slots_per_engine"]
+    batch = slots if resident else max(min(slots, n["kv_tokens_per_engine"] / ctx), 1.0)
+    t_iter = max(n["decode_weights_s"] + batch * ctx * n["decode_kv_s_per_token"], batch * n["decode_compute_s_per_seq"])
     att = n["attn_flops_per_ctx"]
-    return StepCosts(n["t_iter"], n["running_per_engine"], c.rollout.num_engines, n["sync_s"], n["prompt_tokens"],
+    return StepCosts(t_iter, batch, c.rollout.num_engines, n["sync_s"], n["prompt_tokens"],
                      policy_train=(6 * n["params"] * n["policy_s_per_flop"], 3 * att * n["policy_s_per_flop"]),
                      critic_train=(6 * n["critic_params"] * n["critic_s_per_flop"], 3 * att * n["critic_s_per_flop"]),
                      prefill=(2 * n["params"] * n["prefill_s_per_flop"], att * n["prefill_s_per_flop"]))
@@ -219,16 +238,12 @@ def compare_modes(cfg, nodes_list=(4, 8, 16), median: float | None = None, sigma
                   gpus_per_node: int = 8, resident: bool = False) -> list[tuple[int, list[ModeProjection]]]:
     """Per node count, the three modes. ``resident``: every slot decodes at once (as if the KV
     cache did not bound the batch): the regime in which PPO's wait for the longest response shows."""
-    import dataclasses
-
     r = cfg.rollout
     dist = lognormal_lengths(median or r.max_response_tokens / 8, sigma, r.max_response_tokens)
     out = []
     for nodes in nodes_list:
-        tppo = costs_from_plan(cfg, nodes, gpus_per_node)
-        ppo = costs_from_plan(cfg, nodes, gpus_per_node, window=r.max_response_tokens)
-        if resident:
-            tppo, ppo = (dataclasses.replace(c, running_per_engine=r.num_slots / c.engines) for c in (tppo, ppo))
+        tppo = costs_from_plan(cfg, nodes, dist, gpus_per_node, resident=resident)
+        ppo = costs_from_plan(cfg, nodes, dist, gpus_per_node, window=r.max_response_tokens, resident=resident)
         out.append((nodes, [project("ppo", dist, r.num_slots, r.max_response_tokens, ppo),
                             project("tppo", dist, r.num_slots, r.window_tokens, tppo),
                             project("tppo_continuous", dist, r.num_slots, r.window_tokens, tppo)]))

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from megatron_tppo.algorithms.window_pool import Prompt, WindowPool
-from megatron_tppo.projection import (StepCosts, expected_max, lognormal_lengths, mean, offsets, piece_ends, project,
+from megatron_tppo.projection import (StepCosts, decode_context, expected_max, lognormal_lengths, mean, offsets, piece_ends, project,
                                       response_costs)
 
 # lengths 1 or 3 with equal odds; 2 slots; window 2 (PPO: 3)
@@ -127,6 +127,12 @@ def test_pieces_match_the_window_pool(mode):
     assert abs(measured - model) < 0.5 * abs(window_model - model)  # the offsets matter, and are right
 
 
+def test_decode_context_by_hand():
+    # token-weighted: l=1 decodes at context 1; l=3 at 1, 2, 3 -> (1 + 6) / 4 tokens, plus the prompt
+    assert decode_context(DIST, 0.0) == pytest.approx(7 / 4)
+    assert decode_context(DIST, 10.0) == pytest.approx(10 + 7 / 4)
+
+
 def test_unknown_mode():
     with pytest.raises(ValueError):
         project("async", DIST, 2, 2, costs(1.0))
@@ -142,9 +148,16 @@ def test_lognormal_lengths():
 
 def test_compare_modes_on_32b_recipe():
     from megatron_tppo.config_io import load_config
-    from megatron_tppo.projection import compare_modes
+    from megatron_tppo.projection import compare_modes, costs_from_plan
 
     cfg = load_config("examples/qwen2.5_32b/tppo.yaml", [])
-    rows = compare_modes(cfg, (4,))
-    assert [p.mode for p in rows[0][1]] == ["ppo", "tppo", "tppo_continuous"]
-    assert all(p.s_per_1000 > 0 for p in rows[0][1])
+    for resident in (False, True):
+        rows = compare_modes(cfg, (4,), resident=resident)
+        assert [p.mode for p in rows[0][1]] == ["ppo", "tppo", "tppo_continuous"]
+        assert all(p.s_per_1000 > 0 for p in rows[0][1])
+    # the decode batch and iteration time do not depend on the window (a token's context does not)
+    dist = lognormal_lengths(3072, 1.0, cfg.rollout.max_response_tokens)
+    a = costs_from_plan(cfg, 4, dist)
+    b = costs_from_plan(cfg, 4, dist, window=cfg.rollout.max_response_tokens)
+    assert (a.t_iter, a.running_per_engine) == pytest.approx((b.t_iter, b.running_per_engine))
+    assert costs_from_plan(cfg, 4, dist, resident=True).running_per_engine >= a.running_per_engine
