@@ -31,8 +31,8 @@ every mode); the decode iteration ``t_iter`` follows from ``B``. For a response-
 Checked against the CPU benchmark (benchmarks/tppo_vs_ppo.py, the long-tailed task, W = L/4):
 on the SFT model's lengths (benchmarks/results/longtail_lengths.json, prompts of 73 tokens) these
 pieces give 1.54x (window) and 1.81x (continuous) PPO's context tokens per generated token; the
-seed-1234 runs spent 1.61x and 1.48x PPO's training seconds, 1.74x and 1.62x its value-forward
-seconds, per generated token. tests/unit/test_projection.py checks the pieces against the real
+runs (seeds 1234 and 1235, 480 s each) spent 1.54x/1.45x (window) and 1.45x/1.48x (continuous)
+PPO's training seconds, and 1.49x-1.57x its value-forward seconds, per generated token. tests/unit/test_projection.py checks the pieces against the real
 window pool.
 
 Where this model and the paper (up to 2.5x less wall-clock at equal accuracy) differ
