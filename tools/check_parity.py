@@ -16,7 +16,8 @@
   gloo, or ipc, which shares the senders' buckets in place; megatron_tppo/weights/ipc.py)
   (megatron_tppo.weights.transfer.StageSender on the ranks; the engine workers' receive path,
   VLLMEngine.join_weight_transfer / receive_weights), so a broken sync or a corrupt checkpoint
-  shows. Only the orchestration differs from a run's (no Ray: ports are picked here).
+  shows. Only the orchestration differs from a run's (no Ray: each stage sender publishes its
+  rendezvous port, which the OS picked, through a file).
 
 The same random token sequences go through all of them. Prints a table of max/mean |Δ log-prob|
 (tokens 1..T-1) and |Δ logit|, then, as the LAST line, the worst max |Δ|; exits 1 above --tol.
@@ -27,6 +28,7 @@ import argparse
 import math
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -68,8 +70,10 @@ def _megatron_logits(eng, tokens: torch.Tensor, device: str) -> torch.Tensor:
 
 
 def _parity_rank(layouts, m, hf_dir, checkpoint, tokens, out_dir, sync, device) -> None:
-    """One rank: every layout in turn; with ``sync`` (``{"ports": [[port per stage] per layout],
-    "world_size", "bucket_bytes", "timeout_s"}``) each layout's weights go to the engine afterwards."""
+    """One rank: every layout in turn; with ``sync`` (``{"world_size", "bucket_bytes", "timeout_s",
+    "backend"}``) each layout's weights go to the engine afterwards. Each stage's sender opens its
+    rendezvous on a port the OS picks and publishes it (:func:`_publish_port`), so no port chosen in
+    advance can be taken by another process in between."""
     import torch.distributed as dist
 
     from megatron_tppo.config import LayoutConfig, OptimizerConfig
@@ -92,7 +96,9 @@ def _parity_rank(layouts, m, hf_dir, checkpoint, tokens, out_dir, sync, device) 
         if sync:
             sender = StageSender(eng.module, eng.tp_group, tp, m, is_sender=info.tp_rank == 0 and info.dp_rank == 0,
                                  takes_part=info.dp_rank == 0, dtype=torch.float32)
-            sender.open("127.0.0.1", sync["ports"][i][info.pp_rank], sync["timeout_s"])
+            where = sender.open("127.0.0.1", 0, sync["timeout_s"])
+            if where is not None:
+                _publish_port(out_dir, i, info.pp_rank, where[1])
             sender.join(sync["backend"], sync["world_size"], sync["timeout_s"])
             sender.send(sync["bucket_bytes"])
             sender.close()
@@ -100,10 +106,31 @@ def _parity_rank(layouts, m, hf_dir, checkpoint, tokens, out_dir, sync, device) 
         del eng
 
 
-def _vllm_logprobs(engine, layouts, tokens, sync) -> dict:
+def _publish_port(out_dir: str, layout: int, stage: int, port: int) -> None:
+    tmp = Path(out_dir) / f".port_{layout}_{stage}.tmp"
+    tmp.write_text(str(port))
+    tmp.replace(Path(out_dir) / f"port_{layout}_{stage}")  # atomic: a reader sees all of it or nothing
+
+
+def _published_ports(out_dir: str, layout: int, stages: int, ranks: "_Background", timeout_s: float) -> list[int]:
+    """The ports layout ``layout``'s stage senders published; a failed rank is raised at once."""
+    files = [Path(out_dir) / f"port_{layout}_{stage}" for stage in range(stages)]
+    deadline = time.monotonic() + timeout_s
+    while not all(f.is_file() for f in files):
+        if not ranks.alive():
+            ranks.join()  # re-raises the ranks' error
+            raise RuntimeError(f"the megatron ranks ended without opening layout {layout}'s weight transfer")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the megatron ranks opened no weight transfer for layout {layout} in {timeout_s:g} s")
+        time.sleep(0.05)
+    return [int(f.read_text()) for f in files]
+
+
+def _vllm_logprobs(engine, layouts, tokens, sync, out_dir: str, ranks: "_Background") -> dict:
     """Engine side of the sync: per layout, join its stages' groups, receive, score the tokens."""
     out = {}
-    for version, ((tp, pp), ports) in enumerate(zip(layouts, sync["ports"]), start=1):
+    for version, (tp, pp) in enumerate(layouts, start=1):
+        ports = _published_ports(out_dir, version - 1, pp, ranks, sync["timeout_s"])
         engine.join_weight_transfer([dict(backend=sync["backend"], host="127.0.0.1", port=port,
                                           world_size=sync["world_size"], timeout_s=sync["timeout_s"])
                                      for port in ports], rank_offset=1)
@@ -184,13 +211,13 @@ def main(argv=None) -> int:
             # random weights: every number it reports afterwards came through the sync
             engine = VLLMEngine(a.hf_dir, max_model_len=seq_len + 1, max_num_seqs=max(a.num_seqs, 1),
                                 tensor_parallel=vllm_tp, load_format="dummy")
-            sync = {"ports": [[_free_port() for _ in range(pp)] for _, pp in layouts], "world_size": 1 + vllm_tp,
-                    "bucket_bytes": max(1, int(a.bucket_mb * 2**20)), "timeout_s": 300.0, "backend": a.transport}
+            sync = {"world_size": 1 + vllm_tp, "bucket_bytes": max(1, int(a.bucket_mb * 2**20)), "timeout_s": 300.0,
+                    "backend": a.transport}
         ranks = _Background(run_ranks, _parity_rank, world, layouts, m, a.hf_dir, a.checkpoint, tokens, out, sync,
                             a.device)
         try:
             if engine is not None:
-                vllm = _vllm_logprobs(engine, layouts, tokens, sync)
+                vllm = _vllm_logprobs(engine, layouts, tokens, sync, out, ranks)
             ranks.join()
         finally:
             if engine is not None:
@@ -231,18 +258,13 @@ class _Background:
         self.thread = threading.Thread(target=target, daemon=True)
         self.thread.start()
 
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
     def join(self) -> None:
         self.thread.join()
         if self.error is not None:
             raise self.error
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

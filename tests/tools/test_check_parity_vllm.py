@@ -23,3 +23,18 @@ def test_check_parity_vllm_tp2(tmp_path, key, model, layouts, transport):
     assert lines[-1].endswith("OK)") and float(lines[-1].split("=")[1].split()[0]) < 1e-4
     n = len(layouts.split(","))
     assert sum(ln.startswith("vLLM(tp2)<-megatron") for ln in lines) == 2 * n
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_check_parity_vllm_a_failed_rank_is_an_error_not_a_hang(tmp_path):
+    """A rank that fails before it opens its stage's transfer (here: a corrupt checkpoint) stops the
+    tool with the rank's error at once; the engine does not wait for a sender that never comes."""
+    hf = save_random_hf_model(QWEN, tmp_path / "qwen", seed=3)
+    bad = tmp_path / "corrupt_ckpt"
+    bad.mkdir()
+    (bad / "metadata.json").write_text("not json")
+    rc, so, se = run_tool("check_parity", "--hf-dir", hf, "--checkpoint", bad, "--layouts", "1x1", "--vllm",
+                          timeout=240)
+    assert rc != 0
+    assert "a conversion rank failed" in se and "JSONDecodeError" in se, se[-3000:]
