@@ -401,7 +401,7 @@ def make_plan(cfg: TPPOConfig, nodes: int, gpus_per_node: int, gpu: GPU = GPU(),
                    reprefill_tokens_per_engine=slots_per_engine * prefill_ctx,
                    sync_gb=sync_bytes / 1e9, step_s=total_t,
                    params=float(n_policy), critic_params=float(n_critic), prompt_tokens=float(prompt_tokens),
-                   running_per_engine=batch, t_iter=t_iter, slots_per_engine=float(slots_per_engine),
+                   slots_per_engine=float(slots_per_engine),
                    # a decode iteration: max(weights + running x context x kv, running x compute) seconds
                    decode_weights_s=vllm_w / bw, decode_kv_s_per_token=kv_tok / bw,
                    decode_compute_s_per_seq=2 * n_policy / (r.tensor_parallel * gpu.peak_tflops_bf16 * 1e12 * 0.5),
