@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from megatron_tppo.algorithms.simulate import format_table, simulate
+from megatron_tppo.planning.simulate import format_table, simulate
 
 
 def main() -> None:

@@ -193,8 +193,13 @@ class RolloutConfig:
     """Number of vLLM engines (data-parallel rollout)."""
     colocate: bool = True
     """Share devices with training (release/restore vLLM memory around generation)."""
-    gpu_memory_utilization: float = 0.5
-    """Fraction of GPU memory vLLM may take (GPU only)."""
+    gpu_memory_utilization: Optional[float] = None
+    """Fraction of each GPU's memory an engine worker may take (vLLM's budget for its weights,
+    activations and KV cache; GPU only). None: what the memory schedule leaves for it while the
+    engines are awake (megatron_tppo/planning/schedule.py ``max_utilization``: the GPU less what
+    the colocated trainer ranks keep, every process's CUDA context and NCCL reserve, and the
+    headroom), computed in each engine actor from its GPU's memory. A value is checked against
+    that limit there, before vLLM starts, and by ``plan``."""
     cpu_kv_cache_gb: float = 1.0
     """KV-cache size in GiB for vLLM on CPU (VLLM_CPU_KVCACHE_SPACE)."""
     weight_sync_bucket_mb: int = 512
@@ -473,7 +478,7 @@ class TPPOConfig:
               f"must be window or continuous, got {r.refill!r}")
         check(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")
         check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
-        check(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
+        check(r.gpu_memory_utilization is None or 0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
               f"must be in (0, 1], got {r.gpu_memory_utilization}")
         check(r.cpu_kv_cache_gb > 0, "rollout.cpu_kv_cache_gb", f"must be > 0, got {r.cpu_kv_cache_gb}")
         check(r.tensor_parallel >= 1 and r.num_engines >= 1, "rollout.tensor_parallel",

@@ -1,4 +1,4 @@
-"""Apply a :class:`megatron_tppo.placement.Placement` on a Ray cluster, exactly as planned.
+"""Apply a :class:`megatron_tppo.planning.layout.Placement` on a Ray cluster, exactly as planned.
 
 One placement group per plan node (``STRICT_PACK``: all its bundles on one Ray node), one bundle per
 GPU the plan uses there (``{"GPU": 1, "CPU": 1}``). Each actor is scheduled into the bundle of its
@@ -20,7 +20,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from megatron_tppo.config import TPPOConfig
-from megatron_tppo.placement import ActorPlacement, Gpu, Placement, PlacementError, cluster_shape, plan_placement
+from megatron_tppo.planning.layout import ActorPlacement, Gpu, Placement, PlacementError, cluster_shape, plan_placement
 
 
 def ray_cluster_gpus() -> list[float]:

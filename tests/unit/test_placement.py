@@ -6,9 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from megatron_tppo import plan as P
+from megatron_tppo import plan as CLI
+from megatron_tppo.planning import hardware as H
+from megatron_tppo.planning import memory as M
+from megatron_tppo.planning import plan as P
 from megatron_tppo.config_io import load_config
-from megatron_tppo.placement import Gpu, PlacementError, cluster_shape, plan_placement
+from megatron_tppo.planning.layout import Gpu, PlacementError, cluster_shape, plan_placement
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = str(ROOT / "examples/qwen2.5_32b/tppo.yaml")

@@ -5,7 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from megatron_tppo import plan as P
+from megatron_tppo import plan as CLI
+from megatron_tppo.planning import hardware as H
+from megatron_tppo.planning import memory as M
+from megatron_tppo.planning import plan as P
 from megatron_tppo.config_io import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,17 +33,17 @@ def cfg(*over):
 
 def test_param_counts_by_hand():
     m = cfg().model
-    assert P.layer_params(m) == LAYER
-    assert P.model_params(m) == N == 852_559_872
-    assert P.model_params(m, value_head=True) == N - EMB + 2048
+    assert M.layer_params(m) == LAYER
+    assert M.model_params(m) == N == 852_559_872
+    assert M.model_params(m, value_head=True) == N - EMB + 2048
     # Qwen2-style bias on q, k, v: h + 2 * kv more per layer
-    assert P.layer_params(cfg("model.qkv_bias=true").model) == LAYER + 2048 + 2 * 512
+    assert M.layer_params(cfg("model.qkv_bias=true").model) == LAYER + 2048 + 2 * 512
 
 
 def test_trainer_memory_tp2_dp2_by_hand():
     c = cfg("parallel.policy.tensor_parallel=2", "parallel.policy.data_parallel=2",
             "parallel.policy.micro_batch_tokens=4096")
-    mem = P.trainer_memory(c.model, c.parallel.policy)
+    mem = M.trainer_memory(c.model, c.parallel.policy)
     params = 16 * LAYER // 2 + EMB // 2 + EMB // 2 + 2048  # PP=1: everything on one stage, split by TP
     assert mem.params == params
     assert mem.weights == params * 2              # bf16
@@ -52,7 +55,7 @@ def test_trainer_memory_tp2_dp2_by_hand():
     assert mem.activations == 16 * 4096 * per_tok_layer
     assert mem.logits == 2 * 4 * 4096 * 32000 / 2  # fp32 logits + their gradient, vocab split by TP
     # full recompute: layer inputs (2h bytes per token) for every layer + one layer's full set
-    rc = P.trainer_memory(c.model, load_config(None, ONE_B + ["parallel.policy.tensor_parallel=2",
+    rc = M.trainer_memory(c.model, load_config(None, ONE_B + ["parallel.policy.tensor_parallel=2",
                                                               "parallel.policy.micro_batch_tokens=4096",
                                                               "parallel.policy.recompute=full"]).parallel.policy)
     assert rc.activations == 16 * 2 * 2048 * 4096 + 4096 * per_tok_layer
@@ -60,7 +63,7 @@ def test_trainer_memory_tp2_dp2_by_hand():
 
 def test_pipeline_stage_and_fp32():
     c = cfg("parallel.policy.pipeline_parallel=4", "model.params_dtype=fp32")
-    mem = P.trainer_memory(c.model, c.parallel.policy)
+    mem = M.trainer_memory(c.model, c.parallel.policy)
     assert mem.params == 4 * LAYER + EMB + 2048  # worst stage: the last (4 layers + output layer + final norm)
     assert mem.weights == mem.params * 4 and mem.optimizer == mem.params * 8  # fp32: no separate master copy
     # 1F1B: stage 0 keeps PP micro-batches of layers/PP layers = all layers' worth
@@ -69,9 +72,9 @@ def test_pipeline_stage_and_fp32():
 
 def test_kv_cache_bytes():
     m = cfg().model
-    assert P.kv_bytes_per_token(m) == 2 * 16 * 4 * 128 * 2          # K and V, 16 layers, 4 heads, bf16
-    assert P.kv_bytes_per_token(m, tp=2) == 2 * 16 * 2 * 128 * 2
-    assert P.kv_bytes_per_token(m, tp=8) == 2 * 16 * 1 * 128 * 2    # 4 KV heads replicate over TP 8
+    assert M.kv_bytes_per_token(m) == 2 * 16 * 4 * 128 * 2          # K and V, 16 layers, 4 heads, bf16
+    assert M.kv_bytes_per_token(m, tp=2) == 2 * 16 * 2 * 128 * 2
+    assert M.kv_bytes_per_token(m, tp=8) == 2 * 16 * 1 * 128 * 2    # 4 KV heads replicate over TP 8
 
 
 def test_small_layout_fits_and_splits_time():
@@ -88,7 +91,7 @@ def test_small_layout_fits_and_splits_time():
     assert n["gen_s"] > 0 and n["train_s"] > 0 and n["step_s"] == pytest.approx(n["gen_s"] + n["train_s"] + n["sync_s"])
     # sync: one bf16 copy of the policy into the engines; not colocated on GPU -> NCCL at its assumed rate
     assert n["sync_gb"] == pytest.approx(N * 2 / 1e9)
-    assert n["sync_s"] == pytest.approx(N * 2 / (P.GPU().sync_nccl_gb_s * 1e9))
+    assert n["sync_s"] == pytest.approx(N * 2 / (H.GPU().sync_nccl_gb_s * 1e9))
     text = "\n".join(pl.lines)
     assert "policy : TP2 x PP1 x DP1" in text and "vLLM   : 2 engine(s) x TP2" in text and "on their own GPUs" in text
 
@@ -109,7 +112,7 @@ def test_refuses_layouts_that_do_not_divide(over, nodes, gpn, reason):
 
 def test_refuses_what_does_not_fit():
     c = load_config(RECIPE, ["parallel.policy.recompute=none"])
-    with pytest.raises(P.PlanError, match=r"policy training needs .* GiB per GPU .*recompute=full"):
+    with pytest.raises(P.PlanError, match=r"phase updates: GPU \d of node 0 needs .* GiB .*largest: policy rank \d+ activations .*recompute=full"):
         P.make_plan(c, 4, 8)
     c = load_config(RECIPE, ["rollout.gpu_memory_utilization=0.2"])
     with pytest.raises(P.PlanError, match="less than one sequence"):
@@ -120,8 +123,8 @@ def test_refuses_what_does_not_fit():
 def test_32b_recipe_fits_on_4_8_16_nodes(nodes, capsys):
     import argparse
 
-    args = argparse.Namespace(nodes=nodes, gpus_per_node=8, fill=True, prompt_tokens=1024, gpu_memory_gib=79.6)
-    assert P.run_plan(load_config(RECIPE), args) == 0
+    args = argparse.Namespace(nodes=nodes, gpus_per_node=8, fill=True, prompt_tokens=1024, gpu_mem_gb=80, host_mem_gb=2048, object_store_gb=None, json=False)
+    assert CLI.run_plan(load_config(RECIPE), args) == 0
     out = capsys.readouterr().out
     assert f"parallel.policy.data_parallel={nodes // 4}" in out and f"rollout.num_engines={nodes * 2}" in out
     assert f"GPUs used {nodes * 8} of {nodes * 8}" in out
@@ -150,19 +153,19 @@ def test_train_dry_run_prints_the_plan(capsys):
 
 def test_checkpoint_size_and_keep_last_disk_by_hand():
     m = cfg().model  # bf16: 2 (weights) + 4 (fp32 master) + 4 + 4 (Adam moments) = 14 B/param
-    ck = P.checkpoint_bytes(m, keep_last=2)
+    ck = M.checkpoint_bytes(m, keep_last=2)
     critic = N - EMB + 2048  # the output layer replaced by a value head of h
     assert ck["bytes_per_param"] == 14
     assert ck["policy"] == 14 * N and ck["critic"] == 14 * critic
     assert ck["checkpoint"] == 14 * (N + critic)
     assert ck["kept"] == 2 * ck["checkpoint"] and ck["peak"] == 3 * ck["checkpoint"]
-    fp32 = P.checkpoint_bytes(cfg("model.params_dtype=fp32").model, keep_last=1)
+    fp32 = M.checkpoint_bytes(cfg("model.params_dtype=fp32").model, keep_last=1)
     assert fp32["bytes_per_param"] == 12 and fp32["peak"] == 2 * fp32["checkpoint"]
 
 
 def test_checkpoint_size_of_the_32b_recipe_is_about_0_9_tb():
     c = load_config(RECIPE, [])
-    ck = P.checkpoint_bytes(c.model, c.checkpoint.keep_last)
+    ck = M.checkpoint_bytes(c.model, c.checkpoint.keep_last)
     assert 0.85e12 < ck["checkpoint"] < 0.95e12  # 32.8B policy + ~31.5B critic at 14 B/param
     plan = P.make_plan(c, nodes=4, gpus_per_node=8)
     assert any(line.startswith("checkpoint: policy ") and "keep_last=2" in line for line in plan.lines)
@@ -182,7 +185,7 @@ def test_reprefill_after_the_sync_is_in_the_generation_estimate_by_hand():
     tokens = 32 * 1120
     flops = tokens * (2 * N + 2 * 16 * 2048 * 1120)
     assert n["reprefill_tokens_per_engine"] == tokens
-    assert n["reprefill_s"] == pytest.approx(flops / (2 * P.GPU().peak_tflops_bf16 * 1e12 * 0.5))
+    assert n["reprefill_s"] == pytest.approx(flops / (2 * H.GPU().peak_tflops_bf16 * 1e12 * 0.5))
     assert n["gen_s"] == pytest.approx(n["gen_decode_s"] + n["reprefill_s"])
 
 

@@ -1,11 +1,11 @@
-"""megatron_tppo.projection: the per-mode step model, checked against numbers worked by hand."""
+"""megatron_tppo.planning.projection: the per-mode step model, checked against numbers worked by hand."""
 import math
 import random
 
 import pytest
 
 from megatron_tppo.algorithms.window_pool import Prompt, WindowPool
-from megatron_tppo.projection import (StepCosts, decode_context, expected_max, lognormal_lengths, mean, offsets, piece_ends, project,
+from megatron_tppo.planning.projection import (StepCosts, decode_context, expected_max, lognormal_lengths, mean, offsets, piece_ends, project,
                                       response_costs)
 
 # lengths 1 or 3 with equal odds; 2 slots; window 2 (PPO: 3)
@@ -148,7 +148,7 @@ def test_lognormal_lengths():
 
 def test_compare_modes_on_32b_recipe():
     from megatron_tppo.config_io import load_config
-    from megatron_tppo.projection import compare_modes, costs_from_plan
+    from megatron_tppo.planning.projection import compare_modes, costs_from_plan
 
     cfg = load_config("examples/qwen2.5_32b/tppo.yaml", [])
     for resident in (False, True):

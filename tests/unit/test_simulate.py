@@ -1,7 +1,7 @@
 """Slot-utilization simulation: PPO mode against an independent computation from the lengths."""
-from megatron_tppo.algorithms.simulate import _target_length, simulate
+from megatron_tppo.planning.simulate import _target_length, simulate
 from megatron_tppo.config_io import load_config
-from megatron_tppo.algorithms.simulate import compare_utilization, format_table
+from megatron_tppo.planning.simulate import compare_utilization, format_table
 
 
 def test_ppo_mode_matches_direct_computation():

@@ -215,7 +215,7 @@ def costs_from_plan(cfg, nodes: int, dist: Dist, gpus_per_node: int = 8, window:
     weights and the running sequences' KV, or is bound by their compute (the plan's roofline)."""
     import copy
 
-    from megatron_tppo.plan import fill_layout, make_plan
+    from megatron_tppo.planning.plan import fill_layout, make_plan
 
     c = copy.deepcopy(cfg)
     if window is not None:
