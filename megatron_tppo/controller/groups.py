@@ -117,8 +117,9 @@ class TrainerGroup:
     def load(self, path: str, with_optimizer: bool = True) -> None:
         self._all("load", path, with_optimizer)
 
-    def offload(self, params: bool = True, grads: bool = True, optimizer: bool = True) -> dict:
-        """Free the trainer's device memory on every rank (bytes kept on host); rank 0's stats."""
+    def offload(self, params: bool = True, grads: bool | str = True, optimizer: bool = True) -> dict:
+        """Free the trainer's device memory on every rank (bytes kept on host; ``grads="drop"``:
+        gradients freed without a copy, zero after onload); rank 0's stats."""
         return self._all("offload", params, grads, optimizer)[0]
 
     def onload(self) -> dict:

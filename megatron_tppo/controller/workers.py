@@ -79,12 +79,13 @@ class TrainerWorker:
         lead = self.info.tp_rank == 0 and self.info.pp_rank == 0
         return {"rows": rows, "outputs": {k: v.cpu() for k, v in out.items()}} if lead else None
 
-    def offload(self, params: bool = True, grads: bool = True, optimizer: bool = True) -> dict:
-        """Free this rank's device memory (see ``TrainEngine.offload``); returns what moved."""
+    def offload(self, params: bool = True, grads: bool | str = True, optimizer: bool = True) -> dict:
+        """Free this rank's device memory (see ``TrainEngine.offload``: ``grads="drop"`` frees the
+        gradients without a copy, onload zero-fills them); returns what moved."""
         return self.engine.offload(params=params, grads=grads, optimizer=optimizer)
 
     def onload(self) -> dict:
-        """Restore what :meth:`offload` freed, bit-identical."""
+        """Restore what :meth:`offload` freed: bit-identical, dropped gradients zero-filled."""
         return self.engine.onload()
 
     def train_step(self, batch: dict, loss_fn, global_num_tokens: float, with_entropy: bool = False) -> dict:
@@ -153,14 +154,15 @@ class TrainerWorker:
     def _on_device(self, fn, *args):
         """Run ``fn`` with everything on the device, then offload again what was off before
         (a checkpoint written between steps finds a colocated trainer offloaded)."""
-        was = set(self.engine.offloaded)
+        was, dropped = set(self.engine.offloaded), set(self.engine.dropped)
         if was:
             self.engine.onload()
         try:
             return fn(*args)
         finally:
-            if was:
-                self.engine.offload(params="params" in was, grads="grads" in was, optimizer="optimizer" in was)
+            if was:  # dropped gradients are zero now: dropping them again loses nothing
+                grads = "drop" if "grads" in dropped else "grads" in was
+                self.engine.offload(params="params" in was, grads=grads, optimizer="optimizer" in was)
 
     def save(self, path: str, with_optimizer: bool = True) -> None:
         self._on_device(self.engine.save, path, with_optimizer)

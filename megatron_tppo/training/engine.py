@@ -37,7 +37,8 @@ Micro-batches: length-sorted, bounded by ``LayoutConfig.micro_batch_tokens`` pad
 (:mod:`megatron_tppo.training.batching`); 1F1B schedule when PP > 1.
 
 Colocation: :meth:`TrainEngine.offload` frees the device memory of parameters, gradients and
-optimizer state (kept on host) and :meth:`TrainEngine.onload` restores it bit-identically
+optimizer state (kept in one host buffer; gradients may be dropped instead, since train_step
+zeroes them) and :meth:`TrainEngine.onload` restores it bit-identically
 (:mod:`megatron_tppo.training.offload`); the engine refuses to compute in between.
 """
 from __future__ import annotations
@@ -290,30 +291,48 @@ class TrainEngine:
 
     # ------------------------------------------------------------------ colocation
 
-    def offload(self, params: bool = True, grads: bool = True, optimizer: bool = True) -> dict:
-        """Free this rank's device memory of the chosen kinds, keeping the bytes on host (pinned on
-        CUDA). Local, no collective. Idempotent; call :meth:`onload` before computing again.
+    def offload(self, params: bool = True, grads: bool | str = True, optimizer: bool = True) -> dict:
+        """Free this rank's device memory of the chosen kinds, keeping the bytes in one host buffer
+        (pinned on CUDA). Local, no collective. Idempotent; call :meth:`onload` before computing again.
 
-        Returns {"bytes", "storages", "seconds", "params_bytes", "grads_bytes", "optimizer_bytes"}
-        of what moved now, and "scratch_bytes": megatron's scratch buffers, dropped (not copied).
-        For an fp32 model the optimizer's master shards are the parameter buffer itself and move
-        with ``params``.
+        ``grads``: True copies them to host; ``"drop"`` frees them without a copy and :meth:`onload`
+        brings them back zero-filled, which is lossless when the next use is :meth:`train_step`
+        (it zeroes the gradient buffers before its backward, and nothing else reads them); False
+        leaves them on the device.
+
+        Returns, for this call, ``bytes`` copied to host, ``dropped_bytes`` (freed, not copied),
+        ``storages``, ``seconds`` and the device bytes freed per kind (``params_bytes``,
+        ``grads_bytes``, ``optimizer_bytes``); ``host_bytes`` (the host buffer's size) and
+        ``storage_bytes`` (the bytes it holds now); ``scratch_bytes``: megatron's scratch buffers,
+        dropped. For an fp32 model the optimizer's master shards are the parameter buffer itself
+        and move with ``params``.
         """
-        chosen = [k for k, on in zip(KINDS, (params, grads, optimizer)) if on]
-        stats = self._offloader.offload(engine_tensors(self), chosen)
-        stats["scratch_bytes"] = release_scratch_buffers() if chosen else 0  # stateless: dropped, not copied
+        if grads not in (True, False, "drop"):
+            raise ValueError(f"grads must be True, False or 'drop', got {grads!r}")
+        chosen = [k for k, on in zip(KINDS, (params, grads is True, optimizer)) if on]
+        drop = ["grads"] if grads == "drop" else []
+        stats = self._offloader.offload(engine_tensors(self), chosen, drop=drop)
+        # stateless: dropped, not copied
+        stats["scratch_bytes"] = release_scratch_buffers() if chosen or drop else 0
         if self.device == "cuda":
             torch.cuda.empty_cache()  # give the freed blocks back to the driver, for vLLM
         return stats
 
     def onload(self) -> dict:
-        """Bring back everything :meth:`offload` moved, bit-identical. Returns bytes/storages/seconds."""
+        """Bring back everything :meth:`offload` moved: copied storages bit-identical, dropped
+        gradients zero-filled. Returns ``bytes`` (copied back), ``zeroed_bytes``, ``storages``,
+        ``seconds``, ``host_bytes``."""
         return self._offloader.onload()
 
     @property
     def offloaded(self) -> set[str]:
-        """The kinds ("params", "grads", "optimizer") that are off the device now."""
+        """The kinds ("params", "grads", "optimizer") that are off the device now, copied or dropped."""
         return self._offloader.offloaded_kinds
+
+    @property
+    def dropped(self) -> set[str]:
+        """The kinds offloaded without a copy (``offload(grads="drop")``): onload zero-fills them."""
+        return self._offloader.dropped_kinds
 
     def _require_onloaded(self, what: str) -> None:
         if self.offloaded:

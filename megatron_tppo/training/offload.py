@@ -24,22 +24,45 @@ A storage goes with the first kind that reaches it in that order: for an fp32 mo
 shards" are views into the parameter buffer, so they move with ``params``. Before the first
 optimizer step Adam has no state yet; there is simply nothing of that kind to move.
 
-The bytes are kept in host buffers (pinned on CUDA, reused by the next offload, so the pinned
-allocation is paid once). The same code runs on CPU, where the "device" is host memory: storages
-are freed and restored the same way (that is what the CPU tests exercise), only no memory is saved.
-Reading an offloaded tensor is undefined (a segfault on CPU): the engine refuses to run while
-anything is offloaded.
+Host memory: one buffer per offloader (per rank), each copied storage a slice of it starting at a
+multiple of :data:`ALIGN` bytes, so the buffer is ``sum(round_up(nbytes, ALIGN))`` over the
+storages it holds: exact up to less than ``ALIGN`` bytes per storage. On CUDA it is a plain host
+allocation page-locked with ``cudaHostRegister``, not ``pin_memory=True``: PyTorch's pinned
+(caching host) allocator rounds every request up to a power of two, which costs up to 2x. Layout
+policy: the first offload after a full onload (a *cycle*) lays out a slice for every storage of
+every kind, except the kinds that call drops, so later offloads in the cycle (e.g. the policy's
+parameters after its optimizer state) fill slices already there. The buffer is reused while the
+layout fits in it; when it does not (Adam's state appears after the first step) it is replaced,
+empty at that point, by one of exactly the new size. It never shrinks.
+
+Dropping (``drop`` kinds, the engine's ``offload(grads="drop")``): the storages are freed without
+a copy and onload re-creates them zero-filled. That is lossless only when their content would be
+zeroed before anyone reads it, which the caller knows (the engine's ``train_step`` zeroes the
+gradient buffers before its backward).
+
+The same code runs on CPU, where the "device" is host memory: storages are freed and restored the
+same way, the buffer is an ordinary tensor (that is what the CPU tests exercise), only no memory
+is saved. Reading an offloaded tensor is undefined (a segfault on CPU): the engine refuses to run
+while anything is offloaded.
 """
 from __future__ import annotations
 
 import gc
 import time
+import weakref
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
 KINDS = ("params", "grads", "optimizer")
+ALIGN = 64
+"""Bytes: every slice of the host buffer starts at a multiple of this (torch's CPU allocator
+aligns the buffer itself to 64), so a slice is aligned for any dtype and for DMA."""
+
+
+def _round_up(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
 
 
 def _inner_optimizers(optimizer) -> list:
@@ -77,12 +100,12 @@ def engine_tensors(engine) -> dict[str, list[torch.Tensor]]:
 
 @dataclass
 class _Slot:
-    """One freed storage and the host buffer that holds its bytes."""
+    """One freed storage; ``offset`` into the host buffer, None when dropped (no copy)."""
 
     storage: torch.UntypedStorage
     nbytes: int
     kind: str
-    host: torch.Tensor  # uint8 [nbytes]
+    offset: Optional[int]
 
 
 def _bytes_view(storage: torch.UntypedStorage, nbytes: int) -> torch.Tensor:
@@ -90,29 +113,70 @@ def _bytes_view(storage: torch.UntypedStorage, nbytes: int) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, 0, (nbytes,), (1,))
 
 
-class StorageOffloader:
-    """Frees and restores the storages of tensors on one device (``"cpu"`` or ``"cuda"``).
+def _unregister(buf: torch.Tensor) -> None:
+    """Unpin ``buf`` (then the last reference to it goes). Errors are ignored: at interpreter exit
+    the CUDA context may be gone already, and the memory is freed either way."""
+    try:
+        torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+    except Exception:  # noqa: BLE001
+        pass
 
-    It holds references to the storages only while they are offloaded; host buffers are pooled by
-    size between offloads (the next offload of the same tensors reuses them).
-    """
+
+def allocate_host(nbytes: int, pin: bool) -> torch.Tensor:
+    """A uint8 host tensor of exactly ``nbytes``; with ``pin``, page-locked in place by
+    ``cudaHostRegister`` (portable). The caller unregisters it (:func:`_unregister`) before the
+    last reference goes."""
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    if pin and nbytes:
+        err = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 1))  # 1: cudaHostRegisterPortable
+        if err:
+            raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed with cudaError {err}")
+    return buf
+
+
+class StorageOffloader:
+    """Frees and restores the storages of tensors on one device (``"cpu"`` or ``"cuda"``), with
+    the bytes in one host buffer laid out per cycle (see the module doc). It holds references to
+    the storages only while they are offloaded."""
 
     def __init__(self, device: str):
         self.device = device
         self._out: list[_Slot] = []
-        self._pool: dict[int, list[torch.Tensor]] = {}
+        self._host: Optional[torch.Tensor] = None
+        self._unpin: Optional[weakref.finalize] = None
+        self._layout: dict[int, int] = {}  # data_ptr -> offset, for the current cycle
 
     @property
     def offloaded_kinds(self) -> set[str]:
+        """Kinds with a storage off the device, copied or dropped."""
         return {s.kind for s in self._out}
 
     @property
+    def dropped_kinds(self) -> set[str]:
+        return {s.kind for s in self._out if s.offset is None}
+
+    @property
+    def host_bytes(self) -> int:
+        """Size of the host buffer (pinned on CUDA), 0 before the first offload."""
+        return 0 if self._host is None else self._host.numel()
+
+    @property
+    def storage_bytes(self) -> int:
+        """Bytes of the offloaded storages whose copies the host buffer holds now."""
+        return sum(s.nbytes for s in self._out if s.offset is not None)
+
+    @property
+    def pinned(self) -> bool:
+        return self._unpin is not None and self._unpin.alive
+
+    @property
     def host_buffers(self) -> list[torch.Tensor]:
-        """Every host buffer (in use or pooled), for memory accounting."""
-        return [s.host for s in self._out] + [h for hs in self._pool.values() for h in hs]
+        """The host buffer (at most one), for memory accounting."""
+        return [] if self._host is None else [self._host]
 
     def _live_storages(self, tensors: dict[str, list[torch.Tensor]]) -> dict[int, tuple]:
-        """data_ptr -> (storage, nbytes, kind) of the live storages; the first kind claims each."""
+        """data_ptr -> (storage, nbytes, kind) of the live storages, in KINDS order; the first
+        kind claims each."""
         found: dict[int, tuple] = {}
         dev = torch.device(self.device).type
         for kind in KINDS:
@@ -124,43 +188,86 @@ class StorageOffloader:
                     found.setdefault(st.data_ptr(), (st, n, kind))
         return found
 
-    def _host(self, nbytes: int) -> torch.Tensor:
-        spare = self._pool.get(nbytes)
-        if spare:
-            return spare.pop()
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.device == "cuda")
+    def _plan(self, live: dict[int, tuple], drop: set[str]) -> None:
+        """Lay out a cycle: a slice for every live storage not dropped; grow the buffer if needed."""
+        self._layout, end = {}, 0
+        for ptr, (_, n, kind) in live.items():
+            if kind not in drop:
+                self._layout[ptr] = end
+                end += _round_up(n)
+        if end > self.host_bytes:
+            self.release_host()  # empty between cycles: free (and unpin) it before the new one
+            pin = self.device == "cuda"
+            self._host = allocate_host(end, pin)
+            # unpins when released, or when the offloader goes (the finalizer holds the buffer till then)
+            self._unpin = weakref.finalize(self, _unregister, self._host) if pin and end else None
 
-    def offload(self, tensors: dict[str, list[torch.Tensor]], kinds: Iterable[str]) -> dict:
-        """Copy the storages of ``kinds`` to host and free them. Returns bytes/storages/seconds."""
-        kinds = set(kinds)
+    def release_host(self) -> None:
+        """Free the host buffer (only while nothing is offloaded)."""
+        if self._out:
+            raise RuntimeError("release_host: storages are offloaded into the host buffer")
+        if self._unpin is not None:
+            self._unpin()
+        self._host = self._unpin = None
+
+    def offload(self, tensors: dict[str, list[torch.Tensor]], kinds: Iterable[str],
+                drop: Iterable[str] = ()) -> dict:
+        """Copy the storages of ``kinds`` to the host buffer and free them; free those of ``drop``
+        without a copy (onload re-creates them zeroed).
+
+        Returns, for this call: ``bytes`` copied, ``dropped_bytes``, ``storages`` freed, per kind
+        ``<kind>_bytes`` freed (copied or dropped), ``seconds``; and the state after it:
+        ``host_bytes`` (the buffer), ``storage_bytes`` (what it holds now).
+        """
+        kinds, drop = set(kinds), set(drop)
+        if kinds & drop:
+            raise ValueError(f"kinds both copied and dropped: {sorted(kinds & drop)}")
         t0 = time.perf_counter()
         cuda = self.device == "cuda"
-        todo = [_Slot(st, n, kind, self._host(n))
-                for st, n, kind in self._live_storages(tensors).values() if kind in kinds]
-        for s in todo:
-            s.host.copy_(_bytes_view(s.storage, s.nbytes), non_blocking=cuda)
-        if cuda:
+        live = self._live_storages(tensors)
+        todo = [(ptr, st, n, kind) for ptr, (st, n, kind) in live.items() if kind in kinds | drop]
+        if todo and not self._out:
+            self._plan(live, drop)
+        slots = []
+        for ptr, st, n, kind in todo:
+            if kind in drop:
+                slots.append(_Slot(st, n, kind, None))
+                continue
+            if ptr not in self._layout:
+                raise RuntimeError(f"a {kind} storage of {n} bytes appeared while offloaded; onload first")
+            off = self._layout[ptr]
+            self._host[off:off + n].copy_(_bytes_view(st, n), non_blocking=cuda)
+            slots.append(_Slot(st, n, kind, off))
+        if cuda and slots:
             torch.cuda.synchronize()  # every copy must land before its source is freed
-        for s in todo:
+        for s in slots:
             s.storage.resize_(0)
-        self._out.extend(todo)  # (the caller empties the CUDA cache, so that vLLM can take the memory)
-        moved = {k: sum(s.nbytes for s in todo if s.kind == k) for k in KINDS}
-        return {"bytes": sum(moved.values()), "storages": len(todo), "seconds": time.perf_counter() - t0,
-                **{f"{k}_bytes": v for k, v in moved.items()}}
+        self._out.extend(slots)  # (the caller empties the CUDA cache, so that vLLM can take the memory)
+        copied = sum(s.nbytes for s in slots if s.offset is not None)
+        return {"bytes": copied, "dropped_bytes": sum(s.nbytes for s in slots) - copied,
+                "storages": len(slots), "seconds": time.perf_counter() - t0,
+                **{f"{k}_bytes": sum(s.nbytes for s in slots if s.kind == k) for k in KINDS},
+                "host_bytes": self.host_bytes, "storage_bytes": self.storage_bytes}
 
     def onload(self) -> dict:
-        """Reallocate every offloaded storage and copy its bytes back (bit-identical)."""
+        """Reallocate every offloaded storage: copied ones get their bytes back (bit-identical),
+        dropped ones are zero-filled. Returns ``bytes`` copied back, ``zeroed_bytes``,
+        ``storages``, ``seconds``, ``host_bytes``."""
         t0 = time.perf_counter()
         cuda = self.device == "cuda"
         for s in self._out:
             s.storage.resize_(s.nbytes)
-            _bytes_view(s.storage, s.nbytes).copy_(s.host, non_blocking=cuda)
-        if cuda:
+            view = _bytes_view(s.storage, s.nbytes)
+            if s.offset is None:
+                view.zero_()
+            else:
+                view.copy_(self._host[s.offset:s.offset + s.nbytes], non_blocking=cuda)
+        if cuda and self._out:
             torch.cuda.synchronize()
         done, self._out = self._out, []
-        for s in done:
-            self._pool.setdefault(s.nbytes, []).append(s.host)
-        return {"bytes": sum(s.nbytes for s in done), "storages": len(done), "seconds": time.perf_counter() - t0}
+        copied = sum(s.nbytes for s in done if s.offset is not None)
+        return {"bytes": copied, "zeroed_bytes": sum(s.nbytes for s in done) - copied, "storages": len(done),
+                "seconds": time.perf_counter() - t0, "host_bytes": self.host_bytes}
 
 
 def release_scratch_buffers() -> int:

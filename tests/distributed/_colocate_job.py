@@ -6,8 +6,10 @@ Jobs (the parent sets RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT):
 - ``pair`` world 2: DP=2 (distributed optimizer sharding Adam), then TP=2, small micro-batches.
 
 Per layout: (1) offload/onload of a policy engine at step 0 and after a step, against an engine
-built from the same seed that never offloads; (2) TrainerWorker forwards (policy log-probs and
-entropy, critic values), each rank counting the rows its engine computed. Each rank writes
+built from the same seed that never offloads (the one host buffer's size, gradients dropped
+instead of copied, then the colocated sequence on the reference engine itself); (2)
+TrainerWorker forwards (policy log-probs and entropy, critic values), each rank counting the rows
+its engine computed. Each rank writes
 ``<out_dir>/<job>_rank<r>.pt``: {layout: {name: value}}.
 """
 from __future__ import annotations
@@ -24,7 +26,14 @@ from megatron_tppo.algorithms.objectives import policy_objective
 from megatron_tppo.config import LayoutConfig, OptimizerConfig
 from megatron_tppo.controller.workers import TrainerWorker
 from megatron_tppo.training import TrainEngine, init_parallel, split_for_data_parallel
-from megatron_tppo.training.offload import engine_snapshot, engine_tensors, live_tensor_bytes, snapshot_mismatches
+from megatron_tppo.training.offload import (
+    ALIGN,
+    KINDS,
+    engine_snapshot,
+    engine_tensors,
+    live_tensor_bytes,
+    snapshot_mismatches,
+)
 from tests.distributed._worker import MODEL, SEED
 
 BF16 = dataclasses.replace(MODEL, params_dtype="bf16", num_layers=2)
@@ -58,6 +67,39 @@ def storage_bytes(engine) -> int:
     return sum(seen.values())
 
 
+def kind_storages(engine) -> dict[str, list[int]]:
+    """Per kind, the sizes of its distinct live storages; a storage counts under the first kind
+    (in KINDS order) that reaches it, as the offloader's does."""
+    seen: dict[int, str] = {}
+    out: dict[str, list[int]] = {k: [] for k in KINDS}
+    tensors = engine_tensors(engine)
+    for kind in KINDS:
+        for t in tensors[kind]:
+            st = t.untyped_storage()
+            if st.nbytes() and st.data_ptr() not in seen:
+                seen[st.data_ptr()] = kind
+                out[kind].append(st.nbytes())
+    return out
+
+
+def host_layout(sizes: dict[str, list[int]], kinds) -> dict:
+    """What one host buffer for ``kinds`` must be: each storage rounded up to ALIGN bytes."""
+    ns = [n for k in kinds for n in sizes[k]]
+    return {"expected_host": sum(-(-n // ALIGN) * ALIGN for n in ns), "expected_storage": sum(ns),
+            "storages": len(ns)}
+
+
+def host_state(engine) -> dict:
+    off = engine._offloader
+    bufs = off.host_buffers
+    return {"host_bytes": off.host_bytes, "storage_bytes": off.storage_bytes, "buffers": len(bufs),
+            "ptr": bufs[0].data_ptr() if bufs else None, "aligned": all(b.data_ptr() % ALIGN == 0 for b in bufs)}
+
+
+def main_grads_zero(engine) -> bool:
+    return all(not p.main_grad.any() for p in engine.module.parameters())
+
+
 def offload_checks(layout: LayoutConfig, dp: int, dp_rank: int, model=MODEL) -> dict:
     batch = make_batch()
     n = float(batch["loss_mask"].sum())
@@ -81,12 +123,16 @@ def offload_checks(layout: LayoutConfig, dp: int, dp_rank: int, model=MODEL) -> 
     r["step1_metrics"] = m1
 
     # after a step: parameters, main grads, master shards and Adam moments all live
-    full = live_tensor_bytes("cpu", exclude=eng._offloader.host_buffers)  # the step-0 host copies
+    full = live_tensor_bytes("cpu", exclude=eng._offloader.host_buffers)  # the step-0 host buffer
     r["engine_bytes"], r["held_bytes"] = full - base, storage_bytes(eng)
+    sizes = kind_storages(eng)
     snap = engine_snapshot(eng)
     st = eng.offload()
     r["offload"] = st
+    r["host"] = {**host_layout(sizes, KINDS), **host_state(eng)}  # Adam's state appeared: a new buffer
     r["after_bytes"] = live_tensor_bytes("cpu", exclude=eng._offloader.host_buffers + list(snap.values()))
+    # every host byte the offload added, counted over all live tensors: only the one buffer
+    r["host_added"] = live_tensor_bytes("cpu", exclude=list(snap.values())) - r["after_bytes"]
     r["freed_bytes"] = full - r["after_bytes"]
     r["storages_empty"] = storage_bytes(eng) == 0
     r["offloaded_kinds"] = sorted(eng.offloaded)
@@ -98,21 +144,44 @@ def offload_checks(layout: LayoutConfig, dp: int, dp_rank: int, model=MODEL) -> 
     r["onload"] = eng.onload()
     r["identical"] = snapshot_mismatches(snap, engine_snapshot(eng))
 
-    # grads only, then a second full cycle reusing the host buffers
+    # grads only, then a second full cycle: both in the same buffer
     st_g = eng.offload(params=False, optimizer=False)
     r["grads_only"] = (st_g["bytes"] == st_g["grads_bytes"] > 0,
                        all(p.untyped_storage().nbytes() > 0 for p in eng.module.parameters()))
     eng.onload()
-    hosts = len(eng._offloader.host_buffers)
     eng.offload()
+    r["cycles_host"] = host_state(eng)
     eng.onload()
-    r["host_buffers_reused"] = len(eng._offloader.host_buffers) == hosts
     r["identical_after_cycles"] = snapshot_mismatches(snap, engine_snapshot(eng))
+
+    # gradients dropped: nothing copied, zero after onload, and the next step is unchanged
+    r["drop"] = eng.offload(grads="drop")
+    r["drop_host"] = host_state(eng)
+    r["drop_grads_bytes"] = sum(sizes["grads"])
+    r["drop_empty"], r["drop_dropped"] = storage_bytes(eng) == 0, sorted(eng.dropped)
+    r["drop_onload"] = eng.onload()
+    r["drop_mismatches"] = snapshot_mismatches(snap, engine_snapshot(eng))
+    r["drop_grads_zero"] = main_grads_zero(eng)
+    del snap
 
     m2, ref2 = eng.train_step(local, LOSS, n, with_entropy=True), ref.train_step(local, LOSS, n, with_entropy=True)
     r["step2_equal"] = m2 == ref2
     r["step2_state_mismatches"] = snapshot_mismatches(engine_snapshot(eng), engine_snapshot(ref))
     r["step2_loss"] = m2["loss"]
+
+    # the colocated sequence on a rank that never offloaded: optimizer off (grads dropped), then
+    # the parameters; one buffer of exactly their bytes; then a step equal to one without offload
+    sizes = kind_storages(ref)
+    a = ref.offload(params=False, grads="drop")
+    b = ref.offload()
+    r["coloc"] = {"sync": a, "generation": b, **host_layout(sizes, ("params", "optimizer")), **host_state(ref),
+                  "grads": sum(sizes["grads"]), "params": sum(sizes["params"]),
+                  "optimizer": sum(sizes["optimizer"]), "dropped": sorted(ref.dropped)}
+    r["coloc"]["onload"] = ref.onload()
+    r["coloc"]["grads_zero"] = main_grads_zero(ref)
+    m3, ref3 = ref.train_step(local, LOSS, n, with_entropy=True), eng.train_step(local, LOSS, n, with_entropy=True)
+    r["step3_equal"] = m3 == ref3
+    r["step3_state_mismatches"] = snapshot_mismatches(engine_snapshot(ref), engine_snapshot(eng))
     return r
 
 

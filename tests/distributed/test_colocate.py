@@ -2,8 +2,10 @@
 DP-split forwards, and the max-reduced train-vs-rollout mismatch metric.
 
 A DP=1 reference job and a 2-rank job (DP=2 with the distributed optimizer, then TP=2) run side
-by side. Offload must free the engine's storages and restore them bit-identically, and a step
-after offload/onload must equal, bit for bit, a step of an engine that never offloaded.
+by side. Offload must free the engine's storages into one host buffer of exactly their bytes
+(plus alignment) and restore them bit-identically; dropped gradients are not copied and come back
+zero; a step after offload/onload must equal, bit for bit, a step of an engine that never
+offloaded.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import pytest
 import torch
 
 from megatron_tppo.training.batching import merge_row_parts
+from megatron_tppo.training.offload import ALIGN
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(400)]
 
@@ -49,14 +52,60 @@ def test_offload_frees_storages_and_restores_bit_identical(results, tag):
         assert r["freed_bytes"] >= 0.9 * r["engine_bytes"], (r["freed_bytes"], r["engine_bytes"])
         assert r["identical"] == []
         assert r["grads_only"] == (True, True)
-        assert r["host_buffers_reused"] and r["identical_after_cycles"] == []
+        assert r["identical_after_cycles"] == []
+
+
+@pytest.mark.parametrize("tag", LAYOUTS)
+def test_one_host_buffer_of_exactly_the_storage_bytes(results, tag):
+    for r in results[tag]:
+        h = r["host"]
+        assert h["buffers"] == 1 and h["aligned"]
+        # each storage a slice starting at a multiple of ALIGN: no power-of-two rounding
+        assert h["host_bytes"] == h["expected_host"]
+        assert h["storage_bytes"] == h["expected_storage"] == r["offload"]["bytes"] == r["offload"]["storage_bytes"]
+        assert 0 <= h["host_bytes"] - h["storage_bytes"] < ALIGN * h["storages"]
+        assert r["host_added"] == h["host_bytes"]  # all live host tensors: no other copy exists
+        # later cycles (grads only, then everything) reuse that buffer
+        c = r["cycles_host"]
+        assert (c["buffers"], c["ptr"], c["host_bytes"]) == (1, h["ptr"], h["host_bytes"])
+
+
+@pytest.mark.parametrize("tag", LAYOUTS)
+def test_dropped_grads_are_not_copied_and_come_back_zero(results, tag):
+    for r in results[tag]:
+        d, on = r["drop"], r["drop_onload"]
+        assert d["dropped_bytes"] == d["grads_bytes"] == r["drop_grads_bytes"] > 0
+        assert d["bytes"] == d["storage_bytes"] == d["params_bytes"] + d["optimizer_bytes"] > 0
+        assert r["drop_host"]["ptr"] == r["host"]["ptr"]  # the layout fits the buffer: reused
+        assert r["drop_empty"] and r["drop_dropped"] == ["grads"]
+        assert on["zeroed_bytes"] == d["dropped_bytes"] and on["bytes"] == d["bytes"]
+        # parameters and optimizer state bit-identical; the (nonzero) main grads now zero
+        assert r["drop_mismatches"] and all(k.startswith("main_grad/") for k in r["drop_mismatches"])
+        assert r["drop_grads_zero"]
+
+
+@pytest.mark.parametrize("tag", LAYOUTS)
+def test_colocated_sequence_holds_exactly_params_and_optimizer(results, tag):
+    for r in results[tag]:
+        c = r["coloc"]
+        sync, gen = c["sync"], c["generation"]
+        assert (sync["bytes"], sync["dropped_bytes"], sync["params_bytes"]) == (c["optimizer"], c["grads"], 0)
+        assert (gen["bytes"], gen["params_bytes"], gen["dropped_bytes"]) == (c["params"], c["params"], 0)
+        # laid out for the parameters already at the sync: one buffer, exact, never reallocated
+        assert sync["host_bytes"] == gen["host_bytes"] == c["host_bytes"] == c["expected_host"]
+        assert c["storage_bytes"] == c["expected_storage"] == c["params"] + c["optimizer"] == gen["storage_bytes"]
+        assert c["buffers"] == 1 and c["dropped"] == ["grads"]
+        assert c["onload"]["zeroed_bytes"] == c["grads"] and c["grads_zero"]
 
 
 @pytest.mark.parametrize("tag", LAYOUTS)
 def test_train_step_after_onload_equals_never_offloaded(results, tag):
     for r in results[tag]:
+        # step 2 follows offload cycles ending with dropped grads
         assert r["step2_equal"], "loss/metrics of the step after offload+onload differ"
         assert r["step2_state_mismatches"] == []  # parameters, main grads and Adam state
+        # step 3: the reference engine after the colocated sequence against the other without offload
+        assert r["step3_equal"] and r["step3_state_mismatches"] == []
 
 
 def test_bf16_master_shards_move_with_the_optimizer(results):
