@@ -1,59 +1,102 @@
-"""Who holds the GPUs in each phase of a colocated step (``rollout.colocate``).
+"""Applies the memory schedule: every phase change asks the schedule what to release and load.
 
-Policy, critic and vLLM engines share the same GPUs (:mod:`megatron_tppo.placement`), so a step
-hands the memory over three times, in the order vLLM needs (its ``sleep(level)`` /
-``wake_up(tags)``: weights can wake without the KV cache, so the sync writes into live weights
-before the cache takes the rest of the memory; verl's hybrid engine and NeMo-RL's colocated
-refit do the same):
+:mod:`megatron_tppo.planning.schedule` is the plan (the phases, what each component holds in
+each, and the moves between them); this class makes the moves on the real components and
+nothing else: ``enter(phase)`` takes the calls :func:`~megatron_tppo.planning.schedule.transition`
+returns for the current and the new phase and makes them in that order (releases first). Engines
+on their own GPUs (``rollout.colocate=false``) have the same states in every phase: nothing moves.
 
-1. generation: engines hold weights and KV cache; the trainers' parameters, gradients and
-   optimizer states are off the GPU;
-2. :meth:`for_training`: engines sleep; the trainers come back (critic values, both updates);
-3. :meth:`for_sync`: the critic and the policy's gradients and optimizer states go off the GPU;
-   engines wake their weights only; then the policy's weights stream into them;
-4. :meth:`for_generation`: the policy's parameters go off the GPU; engines wake their KV cache.
-
-Not colocated, every call is a no-op (each component keeps its own GPUs). On CPU vLLM's sleep and
-wake do nothing, while the trainers' offload really frees and restores their storages, so the same
-sequence runs everywhere. :attr:`trace` records the phases, for the logs and the tests.
+After every move it asks each component what it really holds (trainer ranks: which kinds are off
+the device; engines: which tags sleep and whether a level-2 sleep dropped the weights) and
+appends one line to ``<output_dir>/memory_trace.jsonl``: the phases, the calls, the time they
+took and what the components reported. The rehearsal test reads it back against the schedule.
 """
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
+from typing import Optional
+
+from megatron_tppo.planning import schedule as S
 
 
 class Colocation:
-    def __init__(self, enabled: bool, policy, critic, rollout):
-        self.enabled, self.policy, self.critic, self.rollout = enabled, policy, critic, rollout
-        self.phase = "generation" if not enabled else "start"
+    def __init__(self, cfg, rollout, trace_path: Optional[Path] = None):
+        self.cfg, self.rollout = cfg, rollout
+        self.policy = self.critic = None
+        self.enabled = cfg.rollout.colocate
+        self.phase: Optional[str] = None
+        """The current phase (None before the engines start)."""
         self.trace: list[str] = []
+        """The phases entered, in order."""
+        self.trace_path = Path(trace_path) if trace_path is not None else None
         self.seconds = 0.0
         """Time spent handing memory over since the last :meth:`take_seconds`."""
 
-    def _enter(self, phase: str, *calls) -> None:
-        if not self.enabled or self.phase == phase:
-            return
-        t0 = time.perf_counter()
-        for call in calls:
-            call()
-        self.seconds += time.perf_counter() - t0
-        self.phase = phase
-        self.trace.append(phase)
+    def attach(self, policy, critic) -> None:
+        """The trainer groups, once built (the moves before that touch only the engines)."""
+        self.policy, self.critic = policy, critic
 
-    def for_training(self, keep_weights: bool = False) -> None:
-        """Engines sleep: level 2 (weights dropped too) when a sync will refill them this step,
-        level 1 (weights kept in host memory) when none will (critic warm-up)."""
-        level = 1 if keep_weights else 2
-        self._enter("training", lambda: self.rollout.sleep(level), self.policy.onload, self.critic.onload)
+    def enter(self, name: str) -> None:
+        """Move every component into phase ``name``'s state (a no-op when already there)."""
+        if name == self.phase:
+            return
+        new = S.phase(self.cfg, name)
+        actions = [] if self.phase is None else S.transition(S.phase(self.cfg, self.phase), new)
+        t0 = time.perf_counter()
+        for a in actions:
+            self._apply(a)
+        dt = time.perf_counter() - t0
+        self.seconds += dt
+        before, self.phase = self.phase, name
+        self.trace.append(name)
+        if self.trace_path is not None:
+            line = {"time": time.time(), "from": before, "to": name, "actions": [a.to_json() for a in actions],
+                    "seconds": dt, "observed": self.observe()}
+            with open(self.trace_path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+    def _apply(self, a: S.Action) -> None:
+        target = {"policy": self.policy, "critic": self.critic, "rollout": self.rollout}[a.component]
+        if target is None:
+            raise RuntimeError(f"memory schedule: {a.component}.{a.method} before the {a.component} exists "
+                               f"(phase {self.phase})")
+        if a.method == "offload":
+            kinds = set(a.args)
+            # gradients are dropped, never copied: every update zeroes them before its backward
+            target.offload(params="params" in kinds, grads="drop" if "grads" in kinds else False,
+                           optimizer="optimizer" in kinds)
+        elif a.method == "onload":
+            target.onload()
+        elif a.method == "sleep":
+            target.sleep(*a.args)
+        elif a.method == "wake_up":
+            target.wake_up(list(a.args))
+        else:
+            raise ValueError(f"memory schedule: unknown call {a.method}")
+
+    def observe(self) -> dict:
+        """What every component reports it holds now (for the trace)."""
+        out = {"rollout": self.rollout.memory_state()}
+        for name in ("policy", "critic"):
+            group = getattr(self, name)
+            out[name] = group.memory_state() if group is not None else None
+        return out
+
+    # the step loop's phases, by what happens in them
+    def for_training(self, warmup: bool = False) -> None:
+        """Values and updates: engines asleep (level 1 in a warm-up step: no sync refills them)."""
+        self.enter("warmup_values" if warmup else "values")
+
+    def for_updates(self, warmup: bool = False) -> None:
+        self.enter("warmup_updates" if warmup else "updates")
 
     def for_sync(self) -> None:
-        self._enter("sync", self.critic.offload, lambda: self.policy.offload(params=False),
-                    lambda: self.rollout.wake_up(["weights"]))
+        self.enter("first_sync" if self.phase in ("trainer_build", "checkpoint_load", "resume") else "sync")
 
     def for_generation(self) -> None:
-        if self.phase in ("start", "training"):  # a step without a sync (critic warm-up)
-            self.for_sync()
-        self._enter("generation", self.policy.offload, lambda: self.rollout.wake_up(["kv_cache"]))
+        self.enter("generation")
 
     def take_seconds(self) -> float:
         s, self.seconds = self.seconds, 0.0

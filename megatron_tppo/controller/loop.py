@@ -46,7 +46,8 @@ class Task:
 
 
 class TPPOLoop:
-    def __init__(self, cfg, policy, critic, rollout, task: Task, logger, progress=None, weight_sync=None):
+    def __init__(self, cfg, policy, critic, rollout, task: Task, logger, progress=None, weight_sync=None,
+                 colocation: Optional[Colocation] = None):
         self.cfg, self.policy, self.critic, self.rollout, self.task = cfg, policy, critic, rollout, task
         self.weight_sync = weight_sync
         self.logger, self.progress = logger, progress
@@ -63,7 +64,11 @@ class TPPOLoop:
         self.utilization = 0.0
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
-        self.colocation = Colocation(r.colocate, policy, critic, rollout)
+        if colocation is None:  # (train.py makes it before the trainers exist: the start-up moves too)
+            colocation = Colocation(cfg, rollout)
+            colocation.attach(policy, critic)
+        self.colocation = colocation
+        """Applies the memory schedule (megatron_tppo/planning/schedule.py) at every phase change."""
         self.stopped_after: Optional[str] = None
         """The phase after which the last :meth:`step` stopped for a signal, or None."""
 
@@ -102,12 +107,12 @@ class TPPOLoop:
         if stop_requested is not None and stop_requested("generation"):
             self.task.prompts.load_state_dict(before[0])  # (the order run_checkpoint.load uses)
             self.load_state_dict(before[1])
-            self.colocation.for_training(keep_weights=True)  # trainers back on the GPU for the save
+            self.colocation.enter("signal_generation")  # trainers back on the GPU for the save
             self.stopped_after = "generation"
             return {"perf/generate_s": m["perf/generate_s"]}
         gen_tokens = sum(s.end - s.start for s in batch.segments)
         m["perf/generated_tokens_per_s"] = gen_tokens / max(m["perf/generate_s"], 1e-9)
-        self.colocation.for_training(keep_weights=not will_sync)  # engines sleep, trainers back on the GPU
+        self.colocation.for_training(warmup=not will_sync)  # engines sleep, trainers back on the GPU
 
         values_ref, t0 = self.critic.forward_async(self._context_batch(batch)), time.perf_counter()
         m.update(self.score_finished(batch))  # overlaps with the critic forward
@@ -116,6 +121,7 @@ class TPPOLoop:
 
         # decoupled updates: the policy on this window's segments, the critic on finished responses;
         # they share nothing, so both run at once
+        self.colocation.for_updates(warmup=not will_sync)
         t0 = time.perf_counter()
         segments = self.policy_segments(batch)
         train_policy = will_sync and bool(segments)
@@ -129,6 +135,7 @@ class TPPOLoop:
         self._check_nonfinite(m)
         if stop_requested is not None and stop_requested("updates"):
             self.stopped_after = "updates"  # no sync: the checkpoint holds the new weights
+            self.colocation.enter("signal_updates")
         else:
             if will_sync:  # (also after an update-less step: a sleeping engine dropped its weights)
                 m.update(self.sync_weights())  # hands the GPUs over for the sync first (colocated)

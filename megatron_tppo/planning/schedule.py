@@ -105,14 +105,9 @@ def phases(cfg) -> tuple[Phase, ...]:
     sleep and trainers never offload: every phase keeps all components as they are."""
     if cfg.rollout.colocate:
         return COLOCATED
-    out = []
-    for p in COLOCATED:
-        engine = "absent" if p.name == "engine_start" else "awake"
-        trainer = "absent" if p.name == "engine_start" else "resident"
-        pw = p.policy_work if p.policy_work != "gather" else "gather"
-        out.append(Phase(p.name, engine, trainer, trainer, pw, p.critic_work, p.doc))
-    out[0] = Phase("engine_start", "awake", "absent", "absent", doc=COLOCATED[0].doc)
-    return tuple(out)
+    return tuple(p if p.name == "engine_start" else Phase(p.name, "awake", "resident", "resident", p.policy_work,
+                                                          p.critic_work, p.doc)
+                 for p in COLOCATED)
 
 
 def phase(cfg, name: str) -> Phase:
@@ -439,3 +434,97 @@ def check_host(table: dict[int, list[Holding]], host) -> list[str]:
             errors.append(f"host memory of node {node}: {total / GiB:.0f} GiB > {host.memory_gib:g} GiB "
                           f"(--host-mem-gb); largest: {big} {items[big] / GiB:.0f} GiB")
     return errors
+
+
+# ---------------------------------------------------------------------------------------------
+# What a run should visit, and a check of what it did (the controller's memory_trace.jsonl)
+# ---------------------------------------------------------------------------------------------
+
+def run_phases(steps: range, warmup_steps: int, saves: set[int], resumed: bool = False,
+               signal: Optional[str] = None) -> list[str]:
+    """The phases of one process of a run that executes ``steps`` (0-based step indices), saves
+    after each step in ``saves`` (1-based counts, as checkpoints are named; a save after the last
+    step ends the run) and, with ``signal`` ("generation" or "updates"), is stopped in the step
+    after the last of ``steps``."""
+    out = list(STARTUP)
+    if resumed:
+        out[2] = "resume"
+    for s in steps:
+        out += WARMUP_STEP if s < warmup_steps else STEP
+        if s + 1 in saves:  # the save after the run's last step ends it
+            out += ["checkpoint_save"] + ([] if s == steps[-1] and signal is None else ["generation"])
+    if signal == "generation":
+        out.append("signal_generation")
+    elif signal == "updates":
+        out += ["values", "updates", "signal_updates"]
+    return out
+
+
+def _trainer_state(ranks) -> str:
+    if any(r["unscheduled_onloads"] for r in ranks):
+        return "unscheduled onload"
+    states = set()
+    for r in ranks:
+        off, dropped = set(r["offloaded"]), set(r["dropped"])
+        states.add("resident" if not off and not dropped else "offloaded" if "params" in off else "params")
+    return states.pop() if len(states) == 1 else f"mixed {sorted(states)}"
+
+
+def _engine_state(engines) -> str:
+    states = set()
+    for e in engines:
+        asleep = set(e["asleep"])
+        if not asleep:
+            states.add("awake")
+        elif asleep == {"kv_cache"}:
+            states.add("weights")
+        else:
+            states.add("asleep2" if e["no_weights"] else "asleep1")
+    return states.pop() if len(states) == 1 else f"mixed {sorted(states)}"
+
+
+def check_trace(cfg, records: list[dict]) -> list[list[str]]:
+    """Check every record of a ``memory_trace.jsonl`` against the schedule: its calls are exactly
+    :func:`transition`'s, and what the components reported afterwards is the new phase's state.
+    Returns the phases visited, one list per process (a record with no ``from`` starts one);
+    raises :class:`MemoryPlanError` at the first record that differs."""
+    runs: list[list[str]] = []
+    for i, rec in enumerate(records):
+        new = phase(cfg, rec["to"])
+        if rec["from"] is None:
+            runs.append([])
+            want: list = []
+        else:
+            want = [a.to_json() for a in transition(phase(cfg, rec["from"]), new)]
+        if rec["actions"] != want:
+            raise MemoryPlanError(f"trace record {i} ({rec['from']} -> {rec['to']}): calls {rec['actions']}, "
+                                  f"the schedule says {want}")
+        seen = rec["observed"]
+        got = {"rollout": _engine_state(seen["rollout"])}
+        for role in ("policy", "critic"):
+            got[role] = "absent" if seen[role] is None else _trainer_state(seen[role])
+        for comp, want_state in (("rollout", new.engine), ("policy", new.policy), ("critic", new.critic)):
+            building = new.name == "trainer_build" and comp != "rollout" and got[comp] == "absent"
+            if got[comp] != want_state and not building:  # (trainer_build is entered before the build)
+                raise MemoryPlanError(f"trace record {i} ({rec['from']} -> {rec['to']}): {comp} reports "
+                                      f"{got[comp]}, the schedule says {want_state}")
+        runs[-1].append(rec["to"])
+    return runs
+
+
+def engine_utilization(cfg, placement, gpu_total_bytes: float) -> float:
+    """``rollout.gpu_memory_utilization`` for engines on GPUs of ``gpu_total_bytes``: the schedule's
+    :func:`max_utilization` when the key is unset, else the key once checked against it (a
+    :class:`~megatron_tppo.config.ConfigError` naming the field when it leaves too little).
+    Called in each engine actor before vLLM starts."""
+    from megatron_tppo.config import ConfigError
+
+    limit = max_utilization(cfg, placement, GPU(memory_gib=gpu_total_bytes / GiB))
+    want = cfg.rollout.gpu_memory_utilization
+    if want is None:
+        return limit
+    if want > limit + 1e-9:
+        raise ConfigError(f"rollout.gpu_memory_utilization={want} leaves too little of this GPU's "
+                          f"{gpu_total_bytes / GiB:.1f} GiB for what the memory schedule keeps there while the "
+                          f"engines are awake; at most {limit:.3f} (unset it to take that value)")
+    return want

@@ -115,3 +115,21 @@ def straight_run(ray_cluster, tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight")
     _, tb = run_tiny(out, tiny_model, RESUME_COMMON)
     return out, tb
+
+
+def check_memory_trace(cfg, out: Path, expected: list[list[str]]) -> None:
+    """``<out>/memory_trace.jsonl`` (what the controller moved, and what the components then
+    reported) matches the memory schedule call for call, and visits ``expected`` phases, one list
+    per driver process (megatron_tppo.planning.schedule.run_phases)."""
+    import json
+
+    from megatron_tppo.planning.schedule import check_trace
+
+    records = [json.loads(line) for line in (out / "memory_trace.jsonl").read_text().splitlines()]
+    assert check_trace(cfg, records) == expected
+
+
+def saves_of(cfg, steps: range) -> set[int]:
+    """The step counts after which a run of ``cfg`` executing ``steps`` saves (save_every, and its last)."""
+    every = cfg.checkpoint.save_every
+    return {s + 1 for s in steps if every and (s + 1) % every == 0} | {steps[-1] + 1}

@@ -7,7 +7,8 @@ and that every prompt taken from the stream is accounted for. Resume and faults:
 """
 import pytest
 
-from tests.e2e.conftest import run_tiny
+from megatron_tppo.planning.schedule import run_phases
+from tests.e2e.conftest import check_memory_trace, run_tiny, saves_of
 
 REQUIRED_TAGS = [
     "train/reward_mean", "eval/accuracy", "rollout/response_length_mean", "rollout/finished_count",
@@ -49,6 +50,9 @@ def test_e2e_policy_tp2_critic_pp2(ray_cluster, tiny_model, tmp_path):
 def test_e2e_policy_pp2(ray_cluster, tiny_model, tmp_path):
     cfg, tb = run_tiny(tmp_path, tiny_model, ["parallel.policy.pipeline_parallel=2"])
     check_run(cfg, tb)
+    # the memory schedule, call for call: start-up, a critic warm-up step, two steps, the final save
+    steps = range(cfg.steps)
+    check_memory_trace(cfg, tmp_path, [run_phases(steps, cfg.algorithm.critic_warmup_steps, saves_of(cfg, steps))])
 
 
 @pytest.mark.slow

@@ -74,3 +74,16 @@ def test_the_checks_can_fail(tmp_path):
     names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     assert any(_forbidden(n) for n in names)
     assert not _forbidden("rayleigh")  # a prefix is not a package
+
+
+def test_planning_imports_no_torch_ray_vllm_or_megatron():
+    """The planning package and ``plan`` are arithmetic: they run on a login node with no torch."""
+    mods = sorted("megatron_tppo.planning." + p.stem for p in (ROOT / "megatron_tppo" / "planning").glob("*.py")
+                  if p.stem != "__init__") + ["megatron_tppo.plan"]
+    code = ("import importlib, json, sys\n"
+            f"for m in {mods!r}: importlib.import_module(m)\n"
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'ray', 'vllm', 'megatron', 'transformer_engine'))))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []

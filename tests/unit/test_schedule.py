@@ -1,0 +1,243 @@
+"""The memory schedule (megatron_tppo/planning/schedule.py): bytes worked out by hand, the moves
+between phases, refusals naming the phase, the 32B recipe on 4/8/16 nodes of H100 80 GB, and the
+check of a controller's trace."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_tppo.config_io import load_config
+from megatron_tppo.planning import schedule as S
+from megatron_tppo.planning.hardware import GPU, Host, gpu_memory_gib
+from megatron_tppo.planning.layout import plan_placement
+from megatron_tppo.planning.plan import PlanError, fill_layout, make_plan
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = str(ROOT / "examples/qwen2.5_32b/tppo.yaml")
+GiB = 2 ** 30
+
+# the ~0.85B Llama-style model of test_plan.py
+ONE_B = ["model.arch=llama", "model.hidden_size=2048", "model.num_layers=16", "model.ffn_hidden_size=5632",
+         "model.num_attention_heads=16", "model.num_query_groups=4", "model.vocab_size=32000",
+         "model.qkv_bias=false", "model.tie_word_embeddings=false", "model.params_dtype=bf16"]
+LAYER = 45_092_864
+EMB = 32000 * 2048
+# one node of 4 GPUs: policy TP2 on GPUs 0-1, critic TP2 on 2-3, two TP2 engines over all four
+SMALL = ONE_B + ["parallel.device=cuda", "parallel.policy.tensor_parallel=2", "parallel.critic.tensor_parallel=2",
+                 "parallel.policy.micro_batch_tokens=4096", "parallel.critic.micro_batch_tokens=4096",
+                 "rollout.tensor_parallel=2", "rollout.num_engines=2", "rollout.colocate=true",
+                 "rollout.num_slots=64", "rollout.window_tokens=1024", "rollout.max_response_tokens=2048",
+                 "rollout.weight_sync_bucket_mb=256"]
+CTX, NCCL, ASLEEP = 0.75 * GiB, 1.0 * GiB, 1.0 * GiB  # GPU()'s reserves
+
+
+def small(*over):
+    return load_config(None, SMALL + list(over))
+
+
+def table(cfg, gpu=GPU(), util=0.5):
+    return {(gp.phase, gp.gpu): gp for gp in S.phase_table(cfg, plan_placement(cfg, 1, 4), gpu, utilization=util)}
+
+
+def test_updates_on_a_policy_gpu_by_hand():
+    gp = table(small())[("updates", (0, 0))]
+    n = 8 * LAYER + EMB + 2048  # TP2, one stage: half the layers and the vocab rows, both embeddings, final norm
+    weights, grads, optim = 2 * n, 4 * n, 12 * n
+    acts = 16 * 4096 * 2 * (4 * 2048 + (2 * 2048 + 2 * 512 + 3 * 5632) / 2)  # 16 layers stored, no recompute
+    logits = 2 * 4 * 4096 * 32000 / 2
+    trainer = weights + grads + optim + acts + logits
+    engine = CTX + NCCL + ASLEEP  # an asleep TP2 worker: context, its TP group, the graph pool
+    want = trainer * 1.05 + CTX + NCCL + engine
+    assert gp.total == pytest.approx(want, rel=1e-12)
+    items = {(h.component, h.item): h.bytes for h in gp.holdings}
+    assert items[("policy rank 0", "optimizer")] == pytest.approx(optim)
+    assert items[("engine 0 worker 0", "engine asleep")] == ASLEEP
+
+
+def test_generation_and_sync_by_hand():
+    t = table(small(), util=0.6)
+    gen = t[("generation", (0, 2))]  # a critic GPU: the critic is off, the engine awake
+    assert gen.total == pytest.approx(CTX + NCCL + 0.6 * GPU().memory_bytes + CTX + NCCL)
+    sync = t[("sync", (0, 1))]  # a policy GPU: its weights and the buffers; the engine's weights awake
+    n = 8 * LAYER + EMB + 2048
+    buffers = 256 * 2 ** 20 + EMB * 2  # one bucket + the gathered embedding
+    policy = (2 * n + buffers) * 1.05 + CTX + NCCL
+    vllm_w = (16 * LAYER + 2 * EMB + 2048) * 2 / 2
+    assert sync.total == pytest.approx(policy + CTX + NCCL + ASLEEP + vllm_w)
+    assert t[("sync", (0, 2))].total == pytest.approx(CTX + NCCL + CTX + NCCL + ASLEEP + vllm_w)  # critic off
+
+
+def test_max_utilization_is_what_generation_leaves():
+    cfg = small()
+    gpu = GPU()
+    util = S.max_utilization(cfg, plan_placement(cfg, 1, 4), gpu)
+    # generation: trainer context + NCCL, engine context + NCCL, the headroom; the rest is vLLM's
+    want = (gpu.memory_bytes - 3 * GiB - 2 * (CTX + NCCL)) / gpu.memory_bytes
+    assert util == pytest.approx(want)
+    assert 0.9 < util < 0.95
+    # at that value the fullest GPU in generation is exactly at the limit
+    t = S.phase_table(cfg, plan_placement(cfg, 1, 4), gpu, utilization=util)
+    assert S.check_fits(t, gpu) == []
+    over = S.phase_table(cfg, plan_placement(cfg, 1, 4), gpu, utilization=util + 0.01)
+    assert any(e.startswith("phase generation:") for e in S.check_fits(over, gpu))
+
+
+def test_host_memory_by_hand():
+    cfg = small()
+    host = Host(memory_gib=512, object_store_gib=40)
+    hold = S.host_table(cfg, plan_placement(cfg, 1, 4), host)[0]
+    n = 8 * LAYER + EMB + 2048
+    n_critic = 8 * LAYER + EMB // 2 + 2048 + 2048  # the value head (h -> 1) instead of the output layer
+    buffers = 2 * 14 * n + 2 * 14 * n_critic  # per rank weights (2 B) + optimizer (12 B); gradients dropped
+    backups = 4 * (16 * LAYER + 2 * EMB + 2048) * 2 / 2  # four engine workers' level-1 copies
+    procs = 4 * 6 * GiB + 4 * 8 * GiB + 4 * GiB
+    assert sum(h.bytes for h in hold) == pytest.approx(buffers + backups + procs + 40 * GiB)
+    tiny_host = Host(memory_gib=64, object_store_gib=40)
+    errors = S.check_host(S.host_table(cfg, plan_placement(cfg, 1, 4), tiny_host), tiny_host)
+    assert len(errors) == 1 and "host memory of node 0" in errors[0] and "--host-mem-gb" in errors[0]
+
+
+def test_moves_between_phases():
+    cfg = small()
+    p = {ph.name: ph for ph in S.phases(cfg)}
+    assert S.transition(p["engine_start"], p["trainer_build"]) == [S.Action("rollout", "sleep", (2,))]
+    assert S.transition(p["generation"], p["values"]) == [
+        S.Action("rollout", "sleep", (2,)), S.Action("policy", "onload"), S.Action("critic", "onload")]
+    assert S.transition(p["updates"], p["sync"]) == [
+        S.Action("critic", "offload", ("params", "grads", "optimizer")),
+        S.Action("policy", "offload", ("grads", "optimizer")), S.Action("rollout", "wake_up", ("weights",))]
+    assert S.transition(p["sync"], p["generation"]) == [
+        S.Action("policy", "offload", ("params",)), S.Action("rollout", "wake_up", ("kv_cache",))]
+    assert S.transition(p["generation"], p["warmup_values"])[0] == S.Action("rollout", "sleep", (1,))
+    assert S.transition(p["warmup_updates"], p["generation"])[-1] == S.Action("rollout", "wake_up",
+                                                                             ("weights", "kv_cache"))
+    assert S.transition(p["values"], p["updates"]) == []
+    with pytest.raises(S.MemoryPlanError, match="level-2 sleep dropped the weights"):
+        S.transition(p["updates"], p["generation"])  # generation straight after a level-2 sleep
+    with pytest.raises(S.MemoryPlanError, match="engines: no move from awake to weights"):
+        S.transition(p["generation"], p["sync"])
+    with pytest.raises(S.MemoryPlanError, match="onload restores everything"):  # half a trainer back
+        S.transition(p["first_sync"].__class__("x", "weights", "offloaded", "offloaded"),
+                     p["first_sync"])
+    # engines on their own GPUs: nothing ever moves
+    own = small("rollout.colocate=false")
+    names = S.run_phases(range(3), 1, {2, 3})
+    q = {ph.name: ph for ph in S.phases(own)}
+    assert all(S.transition(q[a], q[b]) == [] for a, b in zip(names, names[1:]))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(resumed=True), dict(signal="generation"), dict(signal="updates"),
+                                dict(saves={1, 2, 3})])
+def test_every_run_shape_is_a_sequence_of_possible_moves(kw):
+    seq = S.run_phases(range(0, 3) if not kw.get("resumed") else range(2, 4), 1, kw.pop("saves", {2}), **kw)
+    S.check_sequence(small(), seq)
+    assert seq[:2] == ["engine_start", "trainer_build"]  # engines start alone and sleep first
+
+
+def _fake_trace(cfg, names, observe):
+    recs, prev = [], None
+    for n in names:
+        acts = [] if prev is None else [a.to_json() for a in S.transition(S.phase(cfg, prev), S.phase(cfg, n))]
+        recs.append({"from": prev, "to": n, "actions": acts, "observed": observe(S.phase(cfg, n))})
+        prev = n
+    return recs
+
+
+def _observe(ph):
+    trainer = {"resident": dict(offloaded=[], dropped=[]), "params": dict(offloaded=["optimizer"], dropped=["grads"]),
+               "offloaded": dict(offloaded=["optimizer", "params"], dropped=["grads"])}
+    engine = {"awake": dict(asleep=[], no_weights=None), "weights": dict(asleep=["kv_cache"], no_weights="x"),
+              "asleep1": dict(asleep=["kv_cache", "weights"], no_weights=None),
+              "asleep2": dict(asleep=["kv_cache", "weights"], no_weights="sleep(level=2) discarded them")}
+    out = {"rollout": [engine[ph.engine]] * 2}
+    for role in ("policy", "critic"):
+        state = getattr(ph, role)
+        out[role] = None if state == "absent" or ph.name == "trainer_build" else [
+            dict(trainer[state], unscheduled_onloads=0)] * 2
+    return out
+
+
+def test_check_trace_accepts_the_schedule_and_catches_a_reorder():
+    cfg = small()
+    names = S.run_phases(range(4), 1, {2, 4})
+    assert S.check_trace(cfg, _fake_trace(cfg, names, _observe)) == [names]
+    # a controller that built the trainers next to awake engines: the engines report awake
+    bad = _fake_trace(cfg, names, _observe)
+    bad[1]["observed"]["rollout"] = [dict(asleep=[], no_weights=None)] * 2
+    with pytest.raises(S.MemoryPlanError, match="record 1 .*rollout reports awake, the schedule says asleep2"):
+        S.check_trace(cfg, bad)
+    # a call the schedule did not ask for
+    bad = _fake_trace(cfg, names, _observe)
+    bad[5]["actions"] = bad[5]["actions"][1:]
+    with pytest.raises(S.MemoryPlanError, match="record 5"):
+        S.check_trace(cfg, bad)
+    # a save that onloaded a trainer by itself
+    bad = _fake_trace(cfg, names, _observe)
+    bad[7]["observed"]["critic"] = [dict(offloaded=[], dropped=[], unscheduled_onloads=1)] * 2
+    with pytest.raises(S.MemoryPlanError, match="critic reports unscheduled onload"):
+        S.check_trace(cfg, bad)
+
+
+@pytest.mark.parametrize("nodes", [4, 8, 16])
+def test_32b_recipe_fits_every_phase_on_h100_80gb(nodes):
+    cfg = load_config(RECIPE)
+    fill_layout(cfg, nodes * 8)
+    cfg.validate()
+    gpu = GPU(memory_gib=gpu_memory_gib(80))
+    plan = make_plan(cfg, nodes, 8, gpu)
+    peaks = S.peaks(plan.memory)
+    assert set(peaks) == set(S.PHASE_NAMES)
+    assert all(gp.total <= gpu.memory_bytes - gpu.headroom_gib * GiB for gp in peaks.values())
+    # the phases that once died: engines at 85% next to a trainer build, a save next to awake engines
+    assert peaks["trainer_build"].total < 50 * GiB and peaks["checkpoint_save"].total < 70 * GiB
+    assert plan.numbers["host_peak_gib"] < Host().memory_gib
+
+
+def test_a_config_that_does_not_fit_is_refused_with_its_phase():
+    # PP1: a stage holds all 64 layers' weights, gradients and Adam state
+    c = load_config(RECIPE, ["parallel.policy.pipeline_parallel=1", "parallel.policy.data_parallel=2"])
+    with pytest.raises(PlanError, match=r"phase updates: GPU \d of node [01] needs .*largest: policy rank \d+ optimizer"):
+        make_plan(c, 4, 8)
+    # an engine budget that leaves no room: generation named, with the field
+    c = load_config(RECIPE, ["rollout.gpu_memory_utilization=0.97"])
+    with pytest.raises(PlanError, match=r"phase generation: .*largest: engine \d+ worker \d budget") as err:
+        make_plan(c, 4, 8)
+    assert "rollout.gpu_memory_utilization=0.97" in str(err.value)
+    # an H200 takes what an H100 refuses
+    c = load_config(RECIPE, ["parallel.policy.recompute=none", "parallel.policy.micro_batch_tokens=16384"])
+    with pytest.raises(PlanError, match="phase updates"):
+        make_plan(c, 4, 8, GPU(memory_gib=gpu_memory_gib(80)))
+    make_plan(c, 4, 8, GPU(memory_gib=gpu_memory_gib(141)))
+
+
+def test_plan_json_is_json_alone_and_carries_the_phase_table():
+    r = subprocess.run([sys.executable, "-m", "megatron_tppo.plan", "--config", RECIPE, "--nodes", "8", "--fill",
+                        "--gpu-mem-gb", "80", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)  # nothing else on stdout
+    assert doc["overrides"] == ["parallel.policy.data_parallel=2", "parallel.critic.data_parallel=2",
+                                "rollout.num_engines=16"]
+    assert set(doc["memory_peaks"]) == set(S.PHASE_NAMES)
+    assert all(p["total_gib"] < 79.6 for p in doc["memory_peaks"].values())
+    assert len(doc["memory"]) == 64 * len(S.PHASE_NAMES)  # every phase on every GPU
+    assert doc["startup"]["total_s"] > 0 and doc["waits"]["engine_start_s"] >= 300
+    assert set(doc["host_memory"]) == {str(n) for n in range(8)}
+    text = subprocess.run([sys.executable, "-m", "megatron_tppo.plan", "--config", RECIPE, "--nodes", "4"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120).stdout
+    assert "memory per phase" in text and "start-up (projected)" in text and "host memory at its peak" in text
+
+
+def test_engine_utilization_is_the_schedules_or_checked_against_it():
+    from megatron_tppo.config import ConfigError
+
+    cfg = small()
+    place = plan_placement(cfg, 1, 4)
+    total = GPU().memory_bytes
+    assert S.engine_utilization(cfg, place, total) == S.max_utilization(cfg, place, GPU())
+    assert S.engine_utilization(small("rollout.gpu_memory_utilization=0.5"), place, total) == 0.5
+    with pytest.raises(ConfigError, match=r"rollout.gpu_memory_utilization=0.99 .*at most 0\.9"):
+        S.engine_utilization(small("rollout.gpu_memory_utilization=0.99"), place, total)
+    # an H200 leaves the engines more
+    assert S.engine_utilization(cfg, place, gpu_memory_gib(141) * GiB) > S.engine_utilization(cfg, place, total)
