@@ -13,6 +13,17 @@ The distributed optimizer is saved in megatron's ``fully_reshardable`` format (a
 per-parameter state gathered on DP rank 0), so its state also loads at another DP/TP/PP layout.
 megatron-core 0.16.1's default, ``fully_sharded_model_space``, fails on save ("ShardedTensor.
 flattened_range is not supported").
+
+Checkpoints load across layer specs: the local (pure torch) spec of a CPU conversion and the
+Transformer Engine spec of a GPU run hold the same tensors, but TE modules with no local
+counterpart that has extra state (TE's norms, e.g. ``decoder.final_layernorm``) request
+``*._extra_state`` objects (FP8 metadata) that a local-spec checkpoint lacks; those are left out of
+the load request (the modules keep their fresh FP8 metadata). Any other requested entry the
+checkpoint lacks fails the load before anything is read.
+
+The optimizer step counter follows the inner optimizer's layout: torch Adam counts per parameter
+(``state[p]["step"]``, a tensor), Transformer Engine's and Apex's FusedAdam count once per param
+group (``group["step"]``, an int) and keep only moments (and master weights) per parameter.
 """
 from __future__ import annotations
 
@@ -59,22 +70,42 @@ def _fully_parallel_save_strategy():
     return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy("torch_dist", 1))
 
 
-def _prime_optimizer_state(optimizer) -> None:
-    """Give a fresh (never stepped) optimizer zero Adam state with step 0.
-
-    Without Apex/Transformer Engine, megatron's DistributedOptimizer.state_dict() reads the step
-    from torch Adam's per-parameter state and asserts one common value, which a fresh optimizer
-    does not have yet; building the loading request needs that state_dict. The loaded checkpoint
-    then overwrites all of it.
-    """
+def _inner_optimizers(optimizer):
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = opt.optimizer
-        if inner is None or all(len(inner.state[p]) for g in inner.param_groups for p in g["params"]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is not None:
+            yield opt, inner
+
+
+def _counts_steps_per_parameter(inner) -> bool:
+    """True for torch Adam/AdamW (``state[p]["step"]``, one tensor per parameter); False for the
+    fused Adams megatron picks when Transformer Engine or Apex is installed, which count in
+    ``group["step"]`` and fail on any other per-parameter state key than their moments (TE's
+    FusedAdam.state_dict looks every key up in its dtype map)."""
+    return isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
+
+
+def _prime_optimizer_state(optimizer) -> None:
+    """Give a fresh (never stepped) optimizer zero Adam state at step 0, in its own step layout.
+
+    Building the sharded optimizer state dict (to save, or as the loading request) needs Adam
+    moments for every parameter, and megatron's DistributedOptimizer.state_dict() reads one common
+    step: without Apex/TE from torch Adam's per-parameter state, with them from the param groups.
+    Step 0 then advances to 1 on the first real step, as in a fresh optimizer; a load overwrites
+    all of it.
+    """
+    for opt, inner in _inner_optimizers(optimizer):
+        if all(len(inner.state[p]) for g in inner.param_groups for p in g["params"]):
             continue
         opt.init_state_fn(inner, opt.config)
         for group in inner.param_groups:
-            for p in group["params"]:
-                inner.state[p].setdefault("step", torch.tensor(0.0))
+            if not group["params"]:
+                continue
+            if _counts_steps_per_parameter(inner):
+                for p in group["params"]:
+                    inner.state[p].setdefault("step", torch.tensor(0.0))
+            else:
+                group.setdefault("step", 0)
 
 
 @contextlib.contextmanager
@@ -107,26 +138,66 @@ def _copy_only_saved_state_keys(optimizer):
             del opt._set_main_param_and_optimizer_states
 
 
-def _unshare_adam_steps(optimizer) -> None:
-    """Give every parameter its own torch Adam "step" tensor after loading.
+def _restore_step_layout(optimizer) -> None:
+    """Put the loaded step counter back into the inner optimizer's own layout.
 
-    megatron-core 0.16.1 (without Apex/TE) restores the step by putting ONE tensor into every
-    parameter's state; torch Adam increments ``state["step"]`` in place per parameter, so the
-    shared counter would advance once per parameter per step and corrupt the bias correction.
+    torch Adam: megatron-core 0.16.1 (without Apex/TE) restores the step by putting ONE tensor into
+    every parameter's state, and torch Adam increments ``state["step"]`` in place per parameter, so
+    the shared counter would advance once per parameter per step and corrupt the bias correction:
+    each parameter gets its own copy. FusedAdam: the param groups come from the checkpoint as they
+    were saved, and a checkpoint written with torch Adam holds a float step there, which FusedAdam
+    would pass on to its fused kernel; it takes an int.
     """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if inner is None:
-            continue
-        for state in inner.state.values():
-            if isinstance(state.get("step"), torch.Tensor):
-                state["step"] = state["step"].clone()
+    for _, inner in _inner_optimizers(optimizer):
+        if _counts_steps_per_parameter(inner):
+            for state in inner.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()
+        else:
+            for group in inner.param_groups:
+                if isinstance(group.get("step"), float):
+                    group["step"] = int(group["step"])
+
+
+def load_sharded(request: dict, ckpt_dir: str) -> tuple[dict, set[str]]:
+    """``dist_checkpointing.load`` of ``request`` ({"model": flat sharded state dict, ...}) that
+    leaves out the model's ``*._extra_state`` objects the checkpoint does not hold.
+
+    Returns the loaded state dict and the model state-dict keys left out. Any other requested
+    entry the checkpoint lacks raises megatron's CheckpointingException ("Unexpected keys (not
+    found in the checkpoint)", naming them) before anything is read.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    model = request["model"]
+    extra = {k: v for k, v in model.items() if isinstance(v, ShardedObject) and v.key.endswith("_extra_state")}
+    dropped: set[str] = set()
+    if extra:
+        saved = {v.key for v in load_sharded_metadata(ckpt_dir).values()}
+        dropped = {k for k, v in extra.items() if v.key not in saved}
+    request = {**request, "model": {k: v for k, v in model.items() if k not in dropped}}
+    return dist_checkpointing.load(request, ckpt_dir, strict=StrictHandling.RAISE_UNEXPECTED), dropped
+
+
+def _load_module_state(module, state: dict, ckpt_dir: str, may_miss=lambda key: False) -> None:
+    """``module.load_state_dict`` that lets modules keep extra state the checkpoint did not hold.
+
+    A ``*._extra_state`` key absent from ``state`` (left out by :func:`load_sharded`, or never
+    requested by the module's sharded state dict) leaves that module's FP8 metadata as it is; every
+    other missing key (except those ``may_miss`` accepts) and every unexpected key raises.
+    """
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("._extra_state") and not may_miss(k)]
+    if missing or unexpected:
+        raise KeyError(f"checkpoint {ckpt_dir} does not match the model: missing {missing[:5]}"
+                       f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
 
 
 def load_checkpoint(engine, ckpt_dir: str, with_optimizer: bool = True) -> None:
     """Load model (+ optimizer/scheduler when saved and asked for) into ``engine`` (collective)."""
-    from megatron.core import dist_checkpointing
-
     model_sd = _model_sharded_state_dict(engine)
     request = {"model": model_sd}
     load_opt = with_optimizer and engine.optimizer is not None
@@ -134,12 +205,12 @@ def load_checkpoint(engine, ckpt_dir: str, with_optimizer: bool = True) -> None:
         _prime_optimizer_state(engine.optimizer)
         request["optimizer"] = engine.optimizer.sharded_state_dict(model_sd, is_loading=True,
                                                                  metadata=_OPT_METADATA)
-    loaded = dist_checkpointing.load(request, ckpt_dir)
-    engine.module.load_state_dict(loaded["model"])
+    loaded, _ = load_sharded(request, ckpt_dir)
+    _load_module_state(engine.module, loaded["model"], ckpt_dir)
     if load_opt and "optimizer" in loaded:
         with _copy_only_saved_state_keys(engine.optimizer):
             engine.optimizer.load_state_dict(loaded["optimizer"])
-        _unshare_adam_steps(engine.optimizer)
+        _restore_step_layout(engine.optimizer)
         if "scheduler" in loaded:
             engine.scheduler.load_state_dict(loaded["scheduler"])
         engine.steps = int(loaded.get("steps", 0))
@@ -152,15 +223,10 @@ def load_backbone(engine, ckpt_dir: str) -> None:
 
     The value head keeps its own initialization; optimizer state is not loaded.
     """
-    from megatron.core import dist_checkpointing
-
     model_sd = {k: v for k, v in _model_sharded_state_dict(engine).items()
                 if not k.startswith("output_layer.")}
-    loaded = dist_checkpointing.load({"model": model_sd}, ckpt_dir)
-    missing, unexpected = engine.module.load_state_dict(loaded["model"], strict=False)
-    bad = [k for k in missing if not k.startswith("output_layer.") and not k.endswith("_extra_state")]
-    if bad:
-        raise KeyError(f"policy checkpoint {ckpt_dir} lacks backbone weights: {bad[:5]}")
+    loaded, _ = load_sharded({"model": model_sd}, ckpt_dir)
+    _load_module_state(engine.module, loaded["model"], ckpt_dir, may_miss=lambda k: k.startswith("output_layer."))
     if engine.optimizer is not None:
         engine.optimizer.reload_model_params()
 
