@@ -13,7 +13,8 @@ import signal
 
 import pytest
 
-from tests.e2e.conftest import RESUME_COMMON, run_tiny
+from megatron_tppo.planning.schedule import run_phases
+from tests.e2e.conftest import RESUME_COMMON, check_memory_trace, run_tiny, saves_of
 from tests.e2e.test_faults import assert_same_metrics
 
 pytestmark = pytest.mark.slow
@@ -37,5 +38,10 @@ def test_signal_between_phases_checkpoints_and_resumes(straight_run, driver, tin
     else:
         assert "stopping after step 2 (after its updates, before the sync)" in log, log
     monkeypatch.delenv("TPPO_TEST_HOLD_AT")
-    _, resumed = run_tiny(tmp_path, tiny_model, RESUME_COMMON + ["checkpoint.resume=true"])
+    cfg, resumed = run_tiny(tmp_path, tiny_model, RESUME_COMMON + ["checkpoint.resume=true"])
     assert_same_metrics(straight, resumed, range(saved + 1, 5))
+    # the memory schedule, call for call: the signalled process stopped in its signal phase; the
+    # resumed one loaded the checkpoint (with optimizer state) in the resume phase
+    warm = cfg.algorithm.critic_warmup_steps
+    check_memory_trace(cfg, tmp_path, [run_phases(range(1), warm, set(), signal=phase),
+                                       run_phases(range(saved, 4), warm, saves_of(cfg, range(saved, 4)), resumed=True)])
