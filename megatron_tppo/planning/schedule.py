@@ -249,8 +249,8 @@ def trainer_items(cfg, role: str, rank: int, state: str, work: Optional[str], gp
         items += [("weights", weights), ("grads", grads), ("optimizer", optimizer)]
     elif state == "params":
         items += [("weights", weights)]
-    if m.fp8 and state != "offloaded":
-        items.append(("fp8 weight cache", n * 2.0))  # TE's FP8 copy and its transpose
+    if m.fp8:  # TE's FP8 weight workspaces (the copy and its transpose) live on the module: no offload moves them
+        items.append(("fp8 weight cache", n * 2.0))
     tok, h = lay.micro_batch_tokens, m.hidden_size
     per_layer = activation_bytes_per_token_layer(m, lay.tensor_parallel) * tok
     last = stage == lay.pipeline_parallel - 1
