@@ -258,14 +258,19 @@ def run(cfg: TPPOConfig) -> dict:
             print(f"[tppo] {line}", flush=True)
         placed = PlacedCluster(plan, on_gpus)
         groups.append(placed)
+        # initialize() loads both trainers (resume, checkpoint.load_*, or the HF model) and syncs the
+        # policy into the engines before anything generates: nobody needs the random or HF weights
+        # the builds would otherwise start from
         rollout = RolloutGroup(cfg.rollout.backend, str(model_dir), cfg.rollout, cfg.model, placed=placed,
-                               threads=threads)
+                               threads=threads, weights="dummy")
         groups.append(rollout)
         policy = TrainerGroup("policy", cfg.model, cfg.parallel.policy, cfg.optim.policy, role="policy",
-                              device=device, seed=cfg.seed, total_steps=cfg.steps, placed=placed, threads=threads)
+                              device=device, seed=cfg.seed, total_steps=cfg.steps, placed=placed, threads=threads,
+                              init_weights=False)
         groups.append(policy)
         critic = TrainerGroup("critic", cfg.model, cfg.parallel.critic, cfg.optim.critic, role="critic",
-                              device=device, seed=cfg.seed + 1, total_steps=cfg.steps, placed=placed, threads=threads)
+                              device=device, seed=cfg.seed + 1, total_steps=cfg.steps, placed=placed, threads=threads,
+                              init_weights=False)
         groups.append(critic)
         print(f"[tppo] cluster up in {time.perf_counter() - t0:.1f} s: policy {policy.world} ranks, "
               f"critic {critic.world} ranks, {cfg.rollout.num_engines} rollout engine(s) on {device}"

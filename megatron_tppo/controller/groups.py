@@ -53,10 +53,16 @@ def _names(group: str, where: Optional[list[dict]], n: int) -> list[str]:
 
 
 class TrainerGroup:
-    """All ranks of one trained model (policy or critic) as Ray actors."""
+    """All ranks of one trained model (policy or critic) as Ray actors.
+
+    ``init_weights=False``: the ranks skip the random initialization (no full-size master weights;
+    parameters NaN until loaded), for a caller that loads every weight next (:meth:`load`,
+    :meth:`load_hf`).
+    """
 
     def __init__(self, name: str, model_cfg, layout, optim_cfg, *, role: str, device: str, seed: int,
-                 total_steps: int, placed: PlacedCluster, threads: int = 0, setup_timeout_s: float = 600.0):
+                 total_steps: int, placed: PlacedCluster, threads: int = 0, setup_timeout_s: float = 600.0,
+                 init_weights: bool = True):
         self.name, self.world, self.where = name, layout.world_size, None
         self.who = _names(name, None, self.world)  # actor names for errors; pid and node once known
         actors = placed.plan.policy if role == "policy" else placed.plan.critic
@@ -65,7 +71,7 @@ class TrainerGroup:
         self.workers = [remote.options(**placed.actor_options(a)).remote(a.rank, self.world, threads) for a in actors]
         master = _get(self.workers[0].address.remote(), f"{name}: rank 0 address", timeout=setup_timeout_s)
         self.ranks = self._all("setup", master, model_cfg, layout, optim_cfg, role, device, seed, total_steps,
-                               timeout=setup_timeout_s)
+                               init_weights=init_weights, timeout=setup_timeout_s)
         self.where = [dict(w, group=name, rank=i, gpus=[[g.node, g.index] for g in a.gpus])
                       for i, (w, a) in enumerate(zip(self._all("ping", timeout=setup_timeout_s), actors))]
         self.who = _names(name, self.where, self.world)
@@ -132,10 +138,15 @@ class TrainerGroup:
 
 
 class RolloutGroup:
-    """``num_engines`` generation engines; requests are split across them."""
+    """``num_engines`` generation engines; requests are split across them.
+
+    ``weights``: what the engines start from (:data:`~megatron_tppo.rollout.base.StartWeights`):
+    "checkpoint" reads ``model_path``'s safetensors; "dummy" only its config, for a caller that
+    syncs weights into the engines before it generates (the engines refuse to generate until then).
+    """
 
     def __init__(self, backend: str, model_path: str, rollout_cfg, model_cfg, *, placed: PlacedCluster,
-                 threads: int = 0, setup_timeout_s: float = 600.0):
+                 threads: int = 0, setup_timeout_s: float = 600.0, weights: str = "checkpoint"):
         n = rollout_cfg.num_engines
         actors = placed.plan.engines
         assert len(actors) == n, (len(actors), n)
@@ -143,7 +154,8 @@ class RolloutGroup:
         # see all of its GPUs through CUDA_VISIBLE_DEVICES
         remote = ray.remote(RolloutWorker)
         self.workers = [remote.options(**placed.actor_options(a)).remote(
-                            backend, model_path, rollout_cfg, model_cfg, threads, placed.visible_devices(a))
+                            backend, model_path, rollout_cfg, model_cfg, threads, placed.visible_devices(a),
+                            weights)
                         for a in actors]
         where = _get([w.ping.remote() for w in self.workers], "rollout: engine start", timeout=setup_timeout_s)
         self.where = [dict(w, group="rollout engine", rank=i, gpus=[[g.node, g.index] for g in a.gpus])

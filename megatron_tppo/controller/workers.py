@@ -42,8 +42,9 @@ class TrainerWorker:
         return ray.util.get_node_ip_address(), _free_port()
 
     def setup(self, master: tuple[str, int], model_cfg, layout, optim_cfg, role: str, device: str,
-              seed: int, total_steps: int) -> dict:
-        """Join the process group, build megatron parallel state and the engine."""
+              seed: int, total_steps: int, init_weights: bool = True) -> dict:
+        """Join the process group, build megatron parallel state and the engine (``init_weights``
+        False: no random initialization, for a caller that loads every weight next)."""
         from megatron_tppo.training import TrainEngine, init_parallel
 
         os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(self.rank),
@@ -51,7 +52,7 @@ class TrainerWorker:
         self.info = init_parallel(layout.tensor_parallel, layout.pipeline_parallel, device)
         self.model_cfg, self.role = model_cfg, role
         self.engine = TrainEngine(model_cfg, layout, optim_cfg, role=role, device=self.info.device, seed=seed,
-                                  total_steps=total_steps)
+                                  total_steps=total_steps, init_weights=init_weights)
         return {"rank": self.rank, "tp_rank": self.info.tp_rank, "pp_rank": self.info.pp_rank,
                 "dp_rank": self.info.dp_rank, "device": self.info.device}
 
@@ -179,7 +180,7 @@ class RolloutWorker:
     """One generation engine (vLLM), behind the narrow :class:`RolloutEngine` interface."""
 
     def __init__(self, backend: str, model_path: str, rollout_cfg, model_cfg, threads: int = 0,
-                 visible_devices: Optional[str] = None):
+                 visible_devices: Optional[str] = None, weights: str = "checkpoint"):
         if visible_devices is not None:
             # Ray gave this actor a share of its first GPU; the engine's TP workers (vLLM's own
             # processes, spawned below) must see all of the engine's GPUs (megatron_tppo.placement)
@@ -188,7 +189,8 @@ class RolloutWorker:
             torch.set_num_threads(threads)
         from megatron_tppo.rollout import engine_class
 
-        self.engine = engine_class(backend).from_config(model_path, rollout_cfg, model_cfg)
+        self.weights = weights  # what the engine started from (megatron_tppo.rollout.base.StartWeights)
+        self.engine = engine_class(backend).from_config(model_path, rollout_cfg, model_cfg, weights=weights)
 
     def generate(self, prompts, max_tokens, sampling, n: int = 1):
         return self.engine.generate(prompts, max_tokens, sampling, n)
@@ -215,5 +217,6 @@ class RolloutWorker:
         return {"rss_bytes": cur, "rss_peak_bytes": peak, "workers": workers}
 
     def ping(self) -> dict:
-        """Where this actor runs (pid and node address), for the run's actors.json."""
-        return _where()
+        """Where this actor runs (pid and node address) and what its engine started from
+        (``weights``), for the run's actors.json."""
+        return {**_where(), "weights": self.weights}

@@ -30,13 +30,14 @@ class ValueHead(torch.nn.Module):
         return torch.nn.functional.linear(hidden_states, self.weight, self.bias), None
 
 
-def build_critic(m: ModelConfig, device: str, seed: int, *, recompute: str = "none"):
+def build_critic(m: ModelConfig, device: str, seed: int, *, recompute: str = "none", init_weights: bool = True):
     """This rank's pipeline stage of the critic: GPT backbone (untied) + :class:`ValueHead`.
 
     The backbone is drawn from ``seed`` exactly like the policy's (so a critic and a policy built
-    from the same seed share backbone weights); the head has its own derived seed.
+    from the same seed share backbone weights); the head has its own derived seed (drawn also
+    with ``init_weights=False``, which skips the backbone's: an HF load keeps the fresh head).
     """
-    model = build_gpt(m, device, seed, tie_embeddings=False, recompute=recompute)
+    model = build_gpt(m, device, seed, tie_embeddings=False, recompute=recompute, init_weights=init_weights)
     if model.post_process:
         dtype = model.output_layer.weight.dtype
         head = ValueHead(m.hidden_size, m.init_std, derive_seed(seed, _TAG_VALUE_HEAD), dtype)

@@ -12,6 +12,15 @@ different weights than PP=1. Hence each transformer layer is built under its own
 (seed, global layer number) (:class:`SeededTransformerLayer`), the embedding is the first RNG
 consumer of the model under a fixed seed, and an untied output layer is re-drawn from its own seed.
 The same seed therefore gives the same model at every TP/PP layout.
+
+Skipped initialization (``init_weights=False``), for a caller that loads every weight next (an HF
+model or a checkpoint): no master weights, no random draws. Tensors are allocated in place
+(``use_cpu_initialization=False``: on the GPU directly, on CPU through the shim) and megatron's
+init functions are replaced by :func:`_unset_weight`, which fills NaN so that a weight the load
+missed cannot pass unnoticed. ``perform_initialization`` stays True on purpose: megatron-core
+0.16.1 marks a tensor-parallel weight (``tensor_model_parallel``, ``partition_dim``,
+``partition_stride``) inside its init helpers, so ``perform_initialization=False`` would leave TP
+shards unmarked, and the HF loader, the weight gather and grad-norm clipping all read those marks.
 """
 from __future__ import annotations
 
@@ -33,11 +42,19 @@ def derive_seed(seed: int, tag: int) -> int:
     return (seed * 1_000_003 + tag) % (2**63 - 1)
 
 
-def transformer_config(m: ModelConfig, tp: int, pp: int, device: str, recompute: str = "none"):
+def _unset_weight(weight: torch.Tensor) -> None:
+    """Init method of a skipped initialization: NaN (one fill, no RNG; a load overwrites it)."""
+    with torch.no_grad():
+        weight.fill_(float("nan"))
+
+
+def transformer_config(m: ModelConfig, tp: int, pp: int, device: str, recompute: str = "none",
+                       init_weights: bool = True):
     """megatron-core TransformerConfig for ``m`` at tensor/pipeline sizes ``tp``/``pp``.
 
     On CPU every fused kernel is off (they are CUDA kernels); on GPU with Transformer Engine the
     bias-SwiGLU and RoPE fusions are on, and FP8 settings are mapped from ``m.fp8``/``m.fp8_recipe``.
+    ``init_weights=False``: see the module doc (weights allocated where they live, NaN-filled).
     """
     check_fp8_support(m.fp8, device)  # before importing megatron: fail fast and clearly
     from megatron.core.transformer import TransformerConfig
@@ -60,8 +77,11 @@ def transformer_config(m: ModelConfig, tp: int, pp: int, device: str, recompute:
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=m.init_std,
-        use_cpu_initialization=True,
-        perform_initialization=True,
+        # one full master weight per tensor on the CPU RNG (layout independent), or none at all
+        use_cpu_initialization=init_weights,
+        perform_initialization=True,  # also when skipped: megatron marks TP shards in its init helpers
+        **({} if init_weights else dict(init_method=_unset_weight, output_layer_init_method=_unset_weight,
+                                        embedding_init_method=_unset_weight)),
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=m.params_dtype == "bf16",
@@ -141,12 +161,24 @@ def _redraw_output_layer(model, m: ModelConfig, seed: int) -> None:
         w.copy_(master[tp_rank * rows:(tp_rank + 1) * rows].to(w.dtype))
 
 
+def _seed_cuda_rng_tracker(seed: int) -> None:
+    """Give megatron's CUDA RNG tracker its states unless someone did: weights allocated on the GPU
+    are initialized under ``get_cuda_rng_tracker().fork()`` (also when the init is a no-op), and the
+    local layer spec's attention forks it around its dropout in every forward."""
+    from megatron.core import tensor_parallel
+
+    if not tensor_parallel.get_cuda_rng_tracker().is_initialized():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
 def build_gpt(m: ModelConfig, device: str, seed: int, *, tie_embeddings: Optional[bool] = None,
-              recompute: str = "none"):
+              recompute: str = "none", init_weights: bool = True):
     """Build this rank's pipeline stage of the GPT model (parallel_state must be initialized).
 
     Returns a megatron-core GPTModel on ``device`` whose forward gives vocab-parallel logits
-    [B, T, V_pad / tp] on the last stage (hidden states elsewhere).
+    [B, T, V_pad / tp] on the last stage (hidden states elsewhere). ``init_weights=False`` skips
+    the random initialization (parameters are NaN until loaded; see the module doc): only for a
+    caller that loads every weight next.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -156,7 +188,9 @@ def build_gpt(m: ModelConfig, device: str, seed: int, *, tie_embeddings: Optiona
     if m.padded_vocab_size % tp:
         raise ValueError(f"tensor parallel size {tp} must divide the padded vocabulary {m.padded_vocab_size}")
     tie = m.tie_word_embeddings if tie_embeddings is None else tie_embeddings
-    config = transformer_config(m, tp, pp, device, recompute)
+    config = transformer_config(m, tp, pp, device, recompute, init_weights)
+    if device == "cuda":
+        _seed_cuda_rng_tracker(seed)
     with torch.random.fork_rng(devices=[]):
         # The embedding is the first RNG consumer in GPTModel.__init__ (first stage only).
         torch.manual_seed(derive_seed(seed, _TAG_EMBEDDING))
@@ -172,7 +206,7 @@ def build_gpt(m: ModelConfig, device: str, seed: int, *, tie_embeddings: Optiona
             position_embedding_type="rope",
             rotary_base=m.rope_theta,
         )
-    if model.post_process and not tie:
+    if model.post_process and not tie and init_weights:
         _redraw_output_layer(model, m, seed)
     if device == "cuda":
         model.cuda(torch.cuda.current_device())

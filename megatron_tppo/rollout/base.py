@@ -17,6 +17,13 @@ from megatron_tppo.rollout.stream import StreamRequest, StreamUpdate
 
 FinishReason = Literal["stop", "length"]
 
+StartWeights = Literal["checkpoint", "dummy"]
+"""What an engine holds when it starts (``from_config(..., weights=)``). "checkpoint": the model
+directory's weights, read from disk. "dummy": placeholder values, only the directory's config is
+read; for a caller whose first act is a weight sync (the T-PPO driver syncs the policy into the
+engines before step 1), which then overwrites every tensor. Such an engine refuses to generate
+until weights were loaded into it."""
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -58,6 +65,14 @@ class RolloutEngine(abc.ABC):
 
     policy_version: int = 0
     """Stamp of the loaded weights; ``load_weights`` sets it, every result carries it."""
+
+    @classmethod
+    def from_config(cls, model_path: str, rollout, model, *,
+                    weights: StartWeights = "checkpoint") -> "RolloutEngine":
+        """Build from :class:`~megatron_tppo.config.RolloutConfig` and ``ModelConfig`` (what the
+        controller calls). ``weights``: see :data:`StartWeights`; only a caller that loads weights
+        before it generates may pass "dummy"."""
+        raise TypeError(f"{cls.__name__} cannot be built from a config")
 
     @abc.abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], max_tokens: Union[int, Sequence[int]],

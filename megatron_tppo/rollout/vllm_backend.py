@@ -50,7 +50,8 @@ from typing import Iterable, Literal, Optional, Sequence, Union
 
 import torch
 
-from megatron_tppo.rollout.base import GenerationResult, RolloutEngine, Sampling, normalize_max_tokens
+from megatron_tppo.rollout.base import (GenerationResult, RolloutEngine, Sampling, StartWeights,
+                                        normalize_max_tokens)
 from megatron_tppo.rollout.stream import StreamRequest, StreamUpdate
 
 MIN_CPU_HEAD_SIZE = 32  # vLLM's CPU attention kernels support head sizes 32, 64, 80, ...
@@ -174,8 +175,9 @@ class VLLMEngine(RolloutEngine):
         max_num_seqs: most sequences vLLM batches at once.
         seed: engine seed (used for sampling when a call gives no seed).
         dtype: vLLM dtype; None picks float32 on CPU and bfloat16 on GPU.
-        load_format: vLLM's load format; "dummy" starts from random weights (the model directory
-            then only gives the config), for a check that the first sync really loads everything.
+        load_format: vLLM's load format; "dummy" starts from placeholder weights (vLLM fills every
+            parameter with small uniform values, not reading the safetensors; the model directory
+            then only gives the config): generating is refused until weights were loaded.
         enforce_eager: no CUDA graphs; None = True on CPU, False on GPU (:func:`llm_kwargs`).
     """
 
@@ -211,16 +213,22 @@ class VLLMEngine(RolloutEngine):
         self.policy_version = 0
         self.last_load_seconds = 0.0
         self._asleep: set[str] = set()  # tags vLLM holds asleep ("weights", "kv_cache")
-        self._weights_discarded = False  # a level-2 sleep dropped them: load before generating
+        # why the engine holds no real weights (load before generating), None once it does
+        self._no_weights: Optional[str] = "it started from dummy weights" if load_format == "dummy" else None
         self.llm = LLM(**llm_kwargs(
             self.model_path, on_cpu=self.on_cpu, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             tensor_parallel=self.tensor_parallel, logprobs_mode=logprobs_mode, seed=seed, dtype=dtype,
             load_format=load_format, gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager))
 
     @classmethod
-    def from_config(cls, model_path: Union[str, Path], rollout, model) -> "VLLMEngine":
-        """Build from :class:`~megatron_tppo.config.RolloutConfig` and ``ModelConfig``."""
+    def from_config(cls, model_path: Union[str, Path], rollout, model, *,
+                    weights: StartWeights = "checkpoint") -> "VLLMEngine":
+        """Build from :class:`~megatron_tppo.config.RolloutConfig` and ``ModelConfig``; ``weights``
+        "dummy" starts vLLM with ``load_format="dummy"`` (no safetensors read; see :data:`StartWeights`)."""
+        if weights not in ("checkpoint", "dummy"):
+            raise ValueError(f"weights must be 'checkpoint' or 'dummy', got {weights!r}")
         return cls(model_path, max_model_len=model.max_position_embeddings,
+                   load_format="dummy" if weights == "dummy" else "auto",
                    cpu_kv_cache_gb=rollout.cpu_kv_cache_gb, gpu_memory_utilization=rollout.gpu_memory_utilization,
                    tensor_parallel=rollout.tensor_parallel, logprobs_mode=rollout.logprobs_mode,
                    max_num_seqs=rollout.max_num_seqs or rollout.slots_per_engine(), enforce_eager=rollout.enforce_eager,
@@ -385,7 +393,7 @@ class VLLMEngine(RolloutEngine):
     def _weights_loaded(self, version: int) -> None:
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         self.policy_version = int(version)
-        self._weights_discarded = False
+        self._no_weights = None
 
     def _check_awake(self, tag: str, what: str) -> None:
         if tag in self._asleep:
@@ -394,8 +402,9 @@ class VLLMEngine(RolloutEngine):
     def _check_can_generate(self, what: str) -> None:
         if self._asleep:
             raise RuntimeError(f"{what}: the engine sleeps ({sorted(self._asleep)}); wake_up() first")
-        if self._weights_discarded:
-            raise RuntimeError(f"{what}: sleep(level=2) discarded the weights; sync or load them before generating")
+        if self._no_weights:
+            raise RuntimeError(f"{what}: the engine holds no real weights ({self._no_weights}); "
+                               f"sync or load them before generating")
 
     def sleep(self, level: int = 2) -> None:
         """Free the GPU for training: level 2 drops weights and KV cache, level 1 keeps the weights
@@ -409,7 +418,8 @@ class VLLMEngine(RolloutEngine):
             self.llm.reset_prefix_cache()
             self.llm.sleep(level=level)
         self._asleep = {"weights", "kv_cache"}
-        self._weights_discarded = self._weights_discarded or level == 2
+        if level == 2 and not self._no_weights:
+            self._no_weights = "sleep(level=2) discarded them"
 
     def wake_up(self, tags: Optional[Sequence[str]] = None) -> None:
         """Re-allocate ``tags`` ("weights", "kv_cache"; None = both). Order for a sync:

@@ -63,12 +63,14 @@ class TrainEngine:
     """A megatron-core GPT policy (``role="policy"``) or critic (``role="critic"``) with its optimizer.
 
     ``total_steps`` sets the LR decay horizon when ``optim.lr_decay_steps`` is 0. ``with_optimizer``
-    False builds a forward-only model (e.g. a reference policy).
+    False builds a forward-only model (e.g. a reference policy). ``init_weights`` False skips the
+    random initialization (parameters NaN, allocated on ``device``; :func:`~megatron_tppo.models.build_gpt`)
+    for a caller that loads every weight next (:meth:`load`, or an HF load + :meth:`weights_changed`).
     """
 
     def __init__(self, model_cfg: ModelConfig, layout: LayoutConfig, optim: OptimizerConfig, *,
                  role: str = "policy", device: str = "cpu", seed: int = 1234, total_steps: int = 1,
-                 with_optimizer: bool = True, pad_to_multiple: Optional[int] = None):
+                 with_optimizer: bool = True, pad_to_multiple: Optional[int] = None, init_weights: bool = True):
         from megatron.core import parallel_state as ps
 
         from megatron_tppo.models import build_critic, build_gpt
@@ -91,7 +93,7 @@ class TrainEngine:
         self.pad_to_multiple = pad_to_multiple or fp8_alignment(model_cfg.fp8, model_cfg.fp8_recipe)
 
         build = build_critic if role == "critic" else build_gpt
-        model = build(model_cfg, device, seed, recompute=layout.recompute)
+        model = build(model_cfg, device, seed, recompute=layout.recompute, init_weights=init_weights)
         self.module = model  # the unwrapped GPTModel of this pipeline stage
         self.config = model.config
         wrapped = model

@@ -5,6 +5,9 @@ Learning itself is shown by `make run` (the SFT model, 40 steps); this test chec
 component runs together, that the metrics exist, that trainer and rollout agree on log-probs,
 and that every prompt taken from the stream is accounted for. Resume and faults: test_faults.py.
 """
+import json
+from pathlib import Path
+
 import pytest
 
 from megatron_tppo.planning.schedule import run_phases
@@ -22,7 +25,11 @@ REQUIRED_TAGS = [
 def check_run(cfg, tb):
     missing = [t for t in REQUIRED_TAGS if t not in tb]
     assert not missing, f"TensorBoard tags missing: {missing}"
-    # fp32: vLLM (synced after every update) and megatron agree on the sampled tokens
+    # the engines started from dummy weights (the run syncs the policy in before step 1) ...
+    actors = json.loads((Path(cfg.logging.output_dir) / "actors.json").read_text())
+    assert {a["weights"] for a in actors if a["group"] == "rollout engine"} == {"dummy"}
+    # ... and, fp32, vLLM (synced after every update) and megatron agree on the sampled tokens from
+    # step 1 on (dummy weights left anywhere would be off by > 0.1: tests/rollout/test_vllm_tp2.py)
     assert max(v for _, v in tb["rollout/logprob_mismatch_max"]) < 1e-4
     steps = [s for s, _ in tb["rollout/finished_count"]]
     assert steps == [1, 2, 3]

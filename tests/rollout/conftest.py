@@ -52,16 +52,43 @@ def engine(tiny_qwen2_dir):
     eng.shutdown()
 
 
+DUMMY_CHECK_SEQS = [[5, 17, 42, 99, 3, 61, 7, 250, 11], [250, 7, 8, 9, 100, 2]]
+
+
 @pytest.fixture(scope="session")
-def engine_tp2(tiny_qwen2_dir):
+def engine_tp2_start(tiny_qwen2_dir, hf_qwen2):
     """ONE TP=2 engine per session: vLLM's multiprocess executor, a worker process per rank, each
-    bound to its own core (30-60 s to start). Tests that change its weights put them back."""
+    bound to its own core (30-60 s to start). It starts from dummy weights, as a run's engines do,
+    and the tiny model's weights are loaded through its workers before any test uses it (so every
+    TP=2 test checks that the load overwrote everything). Tests that change its weights put them back.
+
+    Yields (engine, start): ``start["refused"]``: the error generating gave before the load;
+    ``start["dummy_logprobs"]``: ``DUMMY_CHECK_SEQS``' prompt log-probs of the dummy weights (read
+    from vLLM directly, past the engine's refusal)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
     from megatron_tppo.rollout import create_engine
 
     eng = create_engine("vllm", tiny_qwen2_dir, max_model_len=256, cpu_kv_cache_gb=1, max_num_seqs=16, seed=0,
-                        tensor_parallel=2)
-    yield eng
+                        tensor_parallel=2, load_format="dummy")
+    start = {}
+    try:
+        eng.prompt_logprobs(DUMMY_CHECK_SEQS)
+    except RuntimeError as err:
+        start["refused"] = str(err)
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
+    outs = eng.llm.generate([TokensPrompt(prompt_token_ids=s) for s in DUMMY_CHECK_SEQS], params, use_tqdm=False)
+    start["dummy_logprobs"] = [[pos[tok].logprob for tok, pos in zip(s[1:], out.prompt_logprobs[1:])]
+                               for s, out in zip(DUMMY_CHECK_SEQS, outs)]
+    eng.load_weights(hf_qwen2.state_dict().items(), version=0)
+    yield eng, start
     eng.shutdown()
+
+
+@pytest.fixture(scope="session")
+def engine_tp2(engine_tp2_start):
+    return engine_tp2_start[0]
 
 
 @pytest.fixture(scope="session")

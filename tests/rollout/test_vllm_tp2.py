@@ -1,6 +1,7 @@
-"""A TP=2 engine (vLLM's multiprocess executor, one worker process per rank) behaves as the TP=1
-engine: the same greedy tokens, log-probs within 1e-4, windows resumed from token ids equal one
-run, and weights loaded from this process (broadcast to the workers over a local gloo group)."""
+"""A TP=2 engine (vLLM's multiprocess executor, one worker process per rank), started from dummy
+weights and then loaded, behaves as the TP=1 engine (started from the checkpoint): the same greedy
+tokens, log-probs within 1e-4, windows resumed from token ids equal one run, and weights loaded
+from this process (broadcast to the workers over a local gloo group)."""
 from __future__ import annotations
 
 import pytest
@@ -50,6 +51,21 @@ def test_tp2_windows_resume_like_one_run(engine, engine_tp2):
     for w, a, b in zip(whole, first, rest):
         assert a.token_ids + b.token_ids == w.token_ids
         assert max_diff(a.logprobs + b.logprobs, w.logprobs) < 1e-4
+
+
+def test_tp2_dummy_start_is_refused_far_off_and_fully_overwritten(engine_tp2_start, hf_qwen2, hf_logprobs):
+    """The session's TP=2 engine started from dummy weights (conftest): generating was refused until
+    the load, the dummy weights' log-probs are far from the model's, and after the load every
+    log-prob is the model's (vLLM's reload rebuilt every layer in both workers)."""
+    from tests.rollout.conftest import DUMMY_CHECK_SEQS
+
+    engine_tp2, start = engine_tp2_start
+    assert "dummy weights" in start["refused"], start
+    got = engine_tp2.prompt_logprobs(DUMMY_CHECK_SEQS)
+    for seq, dummy, loaded in zip(DUMMY_CHECK_SEQS, start["dummy_logprobs"], got):
+        want = hf_logprobs(hf_qwen2, seq, 1)
+        assert (torch.tensor(dummy, dtype=torch.float64) - want).abs().max() > 0.1  # a missed layer would show
+        assert torch.allclose(torch.tensor(loaded, dtype=torch.float64), want, atol=1e-4)
 
 
 def test_tp2_load_weights_through_workers(engine_tp2, hf_qwen2, tiny_qwen2_cfg, hf_logprobs):

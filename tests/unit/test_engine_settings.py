@@ -50,3 +50,12 @@ def test_new_keys_parse_from_overrides():
     assert r.enforce_eager is True and r.seeded is False
     d = load_config(None, []).rollout
     assert d.enforce_eager is None and d.seeded is None and d.max_num_seqs is None
+
+
+def test_start_weights_pick_vllms_load_format_or_fail_before_vllm_starts():
+    from megatron_tppo.rollout.vllm_backend import VLLMEngine
+
+    assert kw(True)["load_format"] == "auto" and kw(False, load_format="dummy")["load_format"] == "dummy"
+    cfg = load_config(None, [])
+    with pytest.raises(ValueError, match="weights must be 'checkpoint' or 'dummy'"):
+        VLLMEngine.from_config("/nonexistent", cfg.rollout, cfg.model, weights="random")
