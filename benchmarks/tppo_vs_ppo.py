@@ -24,13 +24,21 @@ split (generate, values, train, sync), slot utilization, generated tokens/s over
 (generated tokens / step seconds), evaluation seconds, wall seconds. Writes
 benchmarks/results/tppo_vs_ppo.json (``--seeds`` with more than one seed: tppo_vs_ppo_seed<N>.json
 each, same schema) and a PNG of held-out accuracy against training seconds beside it.
+
+Evaluation is one code path: the periodic ``eval/accuracy`` (and ``eval/accuracy_se``) come from
+the training loop's evaluation, and each mode's final model (its last run checkpoint) is scored
+again by ``python -m megatron_tppo.evaluate`` on ``--final-eval-prompts`` x ``--final-eval-samples``
+(``final_eval``: pass@1, bootstrap SE over prompts, accuracy by length bucket, mean length), both
+:mod:`megatron_tppo.evaluation`.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from megatron_tppo.config_io import load_config  # noqa: E402
+from megatron_tppo.config_io import dump_yaml, load_config  # noqa: E402
 
 MODES = ("ppo", "tppo", "tppo_continuous")
 PHASES = {"generate": "perf/generate_s", "values": "perf/values_s", "train": "perf/train_s",
@@ -63,6 +71,7 @@ def summarize(name: str, cfg, tags: dict, wall_s: float, target_delta: float) ->
         t += step_s[s]
         clock[s] = t
     acc = sorted(tags.get("eval/accuracy", {}).items())
+    se = tags.get("eval/accuracy_se", {})
     curve = [(clock.get(s, t), v) for s, v in acc]
     start = acc[0][1] if acc else float("nan")
     target = start + target_delta
@@ -77,6 +86,7 @@ def summarize(name: str, cfg, tags: dict, wall_s: float, target_delta: float) ->
     return {
         "mode": name, "window_tokens": cfg.rollout.window_tokens, "refill": cfg.rollout.refill, "steps": len(steps),
         "start_accuracy": start, "final_accuracy": acc[-1][1] if acc else float("nan"),
+        "final_accuracy_se": se[max(se)] if se else float("nan"),  # of the last periodic evaluation
         "best_accuracy": max((v for _, v in acc), default=float("nan")), "target_accuracy": target,
         "time_to_target_s": reach, "train_s": total, "eval_s": sum(tags.get("perf/eval_s", {}).values()),
         "wall_s": wall_s,
@@ -110,6 +120,25 @@ def mode_configs(a, seed: int) -> dict:
                            + [f"logging.output_dir={a.run_dir}/seed{seed}/{m}"]) for m in a.modes}
 
 
+def final_eval(cfg, a) -> dict | None:
+    """The mode's final model (the run's last checkpoint) scored by the evaluator, in its own
+    process (a quiet console; vLLM's memory goes with it); None with --final-eval-prompts 0."""
+    if a.final_eval_prompts <= 0:
+        return None
+    run = Path(cfg.logging.output_dir)
+    (run / "eval_config.yaml").write_text(dump_yaml(cfg))
+    out = run / "final_eval.json"
+    cmd = [sys.executable, "-m", "megatron_tppo.evaluate", "--config", str(run / "eval_config.yaml"),
+           "--checkpoint", str(run), "--prompts", str(a.final_eval_prompts),
+           "--samples", str(a.final_eval_samples), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"final evaluation of {run} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
+    rep = json.loads(out.read_text())
+    return {k: rep[k] for k in ("accuracy", "accuracy_se", "response_length_mean", "num_prompts",
+                                "samples_per_prompt", "buckets", "eval_s")}
+
+
 def run_seed(a, seed: int) -> dict:
     from megatron_tppo.train import run
 
@@ -122,6 +151,7 @@ def run_seed(a, seed: int) -> dict:
         run(cfg)
         out["modes"][name] = summarize(name, cfg, scalars(Path(cfg.logging.output_dir) / "tensorboard"),
                                        time.time() - t0, a.target_delta)
+        out["modes"][name]["final_eval"] = final_eval(cfg, a)
     return out
 
 
@@ -138,6 +168,12 @@ def table(res: dict) -> str:
                      + "".join(f"{100 * sh[k]:>6.0f}" for k in PHASES)
                      + f"{x['slot_utilization']:>6.2f}{x['generated_tokens_per_s']:>7.0f}"
                      f"{x['step_s_per_1000_finished']:>7.0f}{x['generate_s_per_1000_finished']:>7.0f}")
+    for x in res["modes"].values():
+        fe = x.get("final_eval")
+        if fe:
+            lines.append(f"{x['mode']}: final model on {fe['num_prompts']} prompts x {fe['samples_per_prompt']}: "
+                         f"pass@1 {fe['accuracy']:.3f} +- {fe['accuracy_se']:.3f}, mean length "
+                         f"{fe['response_length_mean']:.0f}")
     m = res["modes"]
     for a_, b_ in (("ppo", "tppo"), ("tppo", "tppo_continuous"), ("ppo", "tppo_continuous")):
         if a_ in m and b_ in m and m[a_]["time_to_target_s"] and m[b_]["time_to_target_s"]:
@@ -155,6 +191,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval-every-s", type=float, default=80.0,
                    help="training seconds between evaluations (the same for every mode)")
     p.add_argument("--target-delta", type=float, default=0.05, help="target = start accuracy + this")
+    p.add_argument("--final-eval-prompts", type=int, default=256,
+                   help="held-out prompts for scoring each mode's final model (0: skip)")
+    p.add_argument("--final-eval-samples", type=int, default=4, help="samples per prompt for that score")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tppo_vs_ppo.json"))
     p.add_argument("--run-dir", default="runs/bench_tppo_vs_ppo")
     p.add_argument("overrides", nargs="*")

@@ -184,9 +184,10 @@ class RolloutConfig:
     token ids. Weights are fixed within a step either way (policy lag below one step). Any
     other value is a configuration error."""
     temperature: float = 1.0
-    """Sampling temperature."""
+    """Sampling temperature (> 0); the trainer's log-probs use it too (:meth:`logprob_temperature`)."""
     top_p: float = 1.0
-    """Nucleus sampling threshold."""
+    """Nucleus sampling threshold; below 1 only with logprobs_mode raw (processed log-probs are
+    renormalized over the nucleus, which the trainer does not reproduce)."""
     tensor_parallel: int = 1
     """vLLM tensor-parallel size per engine."""
     num_engines: int = 1
@@ -214,7 +215,9 @@ class RolloutConfig:
     (megatron_tppo/weights/ipc.py): CUDA IPC on cuda, shared memory (/dev/shm) on cpu; every
     engine worker must be on the node of every stage's sender (refused otherwise)."""
     logprobs_mode: Literal["processed", "raw"] = "processed"
-    """Behaviour log-probs: of the sampling distribution (after temperature/top-p), or raw temperature 1."""
+    """Behaviour log-probs of the PPO ratio, and the trainer's alike: processed, of the sampling
+    distribution log_softmax(logits / temperature); raw, of the temperature-1 model (then the
+    samples come from another distribution than the ratio assumes if temperature != 1 or top_p < 1)."""
     enforce_eager: Optional[bool] = None
     """vLLM without CUDA graphs. None: True on CPU (no graphs there), False on GPU (decode replays
     captured graphs; the capture costs start-up time and its memory pool, which vLLM's sleep mode
@@ -230,6 +233,10 @@ class RolloutConfig:
     None: True on CPU, False on GPU, where a per-request torch.Generator makes vLLM's sampler
     draw that row's noise in its own kernel (a Python loop over seeded rows each decode step) and
     skip the FlashInfer top-p/top-k kernel (vllm/v1/sample/ops/topk_topp_sampler.py)."""
+
+    def logprob_temperature(self) -> float:
+        """The temperature of the behaviour log-probs, at which the trainer scores tokens too."""
+        return self.temperature if self.logprobs_mode == "processed" else 1.0
 
     def slots_per_engine(self) -> int:
         """Slots one engine serves: ceil(num_slots / num_engines) (controller/continuous.py shares)."""
@@ -269,7 +276,10 @@ class AlgorithmConfig:
     third, forward-only model group for the reference log-probs, so any value but 0 (the paper's
     setting) is a configuration error."""
     dynamic_sampling: bool = False
-    """DAPO dynamic sampling: drop groups whose finished samples all got the same reward."""
+    """DAPO dynamic sampling: groups whose samples all got the same reward are left out of the
+    policy update (not resampled). Only where a group is generated and trained in one step (PPO:
+    refill window, window_tokens >= max_response_tokens, num_slots a multiple of samples_per_prompt);
+    elsewhere a configuration error (earlier windows and siblings train before the rewards exist)."""
     critic_warmup_steps: int = 10
     """Critic-only steps before the policy starts to move."""
     overlong_penalty: float = 0.0
@@ -478,6 +488,9 @@ class TPPOConfig:
               f"must be window or continuous, got {r.refill!r}")
         check(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")
         check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
+        check(r.top_p == 1 or r.logprobs_mode == "raw", "rollout.top_p",
+              f"{r.top_p} < 1 with rollout.logprobs_mode=processed: vLLM renormalizes those log-probs over the nucleus, "
+              "which the trainer cannot reproduce (on-policy ratio = nucleus mass, not 1); use top_p=1 or logprobs_mode=raw")
         check(r.gpu_memory_utilization is None or 0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
               f"must be in (0, 1], got {r.gpu_memory_utilization}")
         check(r.cpu_kv_cache_gb > 0, "rollout.cpu_kv_cache_gb", f"must be > 0, got {r.cpu_kv_cache_gb}")
@@ -518,6 +531,13 @@ class TPPOConfig:
         check(a.kl_coef == 0, "algorithm.kl_coef",
               f"a KL penalty to a reference policy is not implemented (no reference model is built); "
               f"set it to 0, got {a.kl_coef}")
+        if a.dynamic_sampling:
+            check(r.refill == "window" and self.is_ppo_baseline and r.num_slots % max(r.samples_per_prompt, 1) == 0,
+                  "algorithm.dynamic_sampling", "needs every group generated and trained in one step: rollout.refill "
+                  f"window (got {r.refill}), rollout.window_tokens ({r.window_tokens}) >= rollout.max_response_tokens "
+                  f"({r.max_response_tokens}), rollout.num_slots ({r.num_slots}) a multiple of "
+                  f"rollout.samples_per_prompt ({r.samples_per_prompt}); a group's earlier windows and siblings are "
+                  "trained before its rewards are known and nothing would be resampled")
         check(a.critic_warmup_steps >= 0, "algorithm.critic_warmup_steps", "must be >= 0")
         check(a.max_nonfinite_updates >= 1, "algorithm.max_nonfinite_updates", "must be >= 1")
         check(a.policy_epochs >= 1 and a.critic_epochs >= 1, "algorithm.policy_epochs",

@@ -53,6 +53,8 @@ KNOWN_HARMLESS: tuple[tuple[str, str], ...] = (
     (r"doesn't allow to use `torch.set_num_threads`", "vLLM's CPU worker pins its threads and says so"),
     (r"Chat template warmup failed|Using None for EOS token id because tokenizer is not initialized",
      "the engine runs with skip_tokenizer_init (token ids in and out; stop tokens are passed explicitly)"),
+    (r"Reset SSM cache type to float32",
+     "vLLM's CPU platform sets the dtype of a mamba state cache; Qwen2/Llama have no SSM layers"),
     (r"RotaryEmbedding: Failed to load weights",
      "vLLM's weight reload finds no checkpoint tensor for the RoPE cos/sin cache (computed, not a "
      "weight) and keeps the one it has (reload/layerwise.py)"),
@@ -142,18 +144,32 @@ def worker_process_setup() -> None:
     """Ray's ``worker_process_setup_hook``: send this worker's output to its log file (see the
     module docstring). Does nothing without ``TPPO_LOG_DIR``; never raises (a failing hook would
     stop the worker), it says on the console why it left the output alone instead."""
-    global _console, _log_path
     log_dir = os.environ.get(LOG_DIR_ENV)
     if not log_dir or _console is not None:
         return
     try:
-        path = worker_log_path(log_dir)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        _redirect_to(worker_log_path(log_dir))
     except OSError as err:
         print(f"[tppo] worker {os.getpid()}: cannot write a log under {log_dir} ({err}); output stays on the console",
               file=sys.stderr, flush=True)
-        return
+
+
+def quiet_process(log_path: str | Path) -> TextIO:
+    """This process's output (Python and C/C++ alike: vLLM in-process, torch) into ``log_path``,
+    the way a worker's goes to its log (warnings and problems still reach the console once each,
+    see the module docstring). Returns a stream to the console, for what the user should see.
+    For a single-process tool (``python -m megatron_tppo.evaluate``); raises OSError if the log
+    cannot be written. Calling it again returns the same console stream."""
+    if _console is None:
+        _redirect_to(Path(log_path))
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://megatron_tppo.console.vllm_log_stream")
+    return _console
+
+
+def _redirect_to(path: Path) -> None:
+    global _console, _log_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     console = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
     for stream in (sys.stdout, sys.stderr):
         stream.flush()

@@ -83,25 +83,29 @@ class TrainerGroup:
     def load_hf(self, hf_dir: str) -> int:
         return self._all("load_hf", hf_dir)[0]
 
-    def forward(self, batch: dict, with_entropy: bool = False) -> dict:
-        return self.wait(self.forward_async(batch, with_entropy))
+    def forward(self, batch: dict, with_entropy: bool = False, temperature: float = 1.0) -> dict:
+        return self.wait(self.forward_async(batch, with_entropy, temperature))
 
-    def forward_async(self, batch: dict, with_entropy: bool = False) -> list:
-        """Start a forward on every rank; each DP replica computes its share of the rows."""
+    def forward_async(self, batch: dict, with_entropy: bool = False, temperature: float = 1.0) -> list:
+        """Start a forward on every rank; each DP replica computes its share of the rows.
+        ``temperature``: the policy's log-probs are of softmax(logits / temperature)."""
         batch_ref = ray.put(batch)
-        return [w.forward.remote(batch_ref, with_entropy) for w in self.workers]
+        return [w.forward.remote(batch_ref, with_entropy, temperature) for w in self.workers]
 
     def wait(self, refs: list) -> dict:
         """The outputs of all rows ({key: [B, T]}), reassembled from the replicas' parts."""
         return merge_row_parts(_get(refs, f"{self.name}.forward", who=self.who))
 
-    def train_step(self, batch: dict, loss_fn, global_num_tokens: float, with_entropy: bool = False) -> dict:
-        return self.wait_train(self.train_step_async(batch, loss_fn, global_num_tokens, with_entropy))
+    def train_step(self, batch: dict, loss_fn, global_num_tokens: float, with_entropy: bool = False,
+                   temperature: float = 1.0) -> dict:
+        return self.wait_train(self.train_step_async(batch, loss_fn, global_num_tokens, with_entropy, temperature))
 
-    def train_step_async(self, batch: dict, loss_fn, global_num_tokens: float, with_entropy: bool = False) -> list:
+    def train_step_async(self, batch: dict, loss_fn, global_num_tokens: float, with_entropy: bool = False,
+                         temperature: float = 1.0) -> list:
         """Start one optimizer step on every rank; :meth:`wait_train` returns its metrics."""
         batch_ref = ray.put(batch)  # one copy in the object store for all ranks
-        return [w.train_step.remote(batch_ref, loss_fn, global_num_tokens, with_entropy) for w in self.workers]
+        return [w.train_step.remote(batch_ref, loss_fn, global_num_tokens, with_entropy, temperature)
+                for w in self.workers]
 
     def wait_train(self, refs: list) -> dict:
         return _get(refs, f"{self.name}.train_step", who=self.who)[0]

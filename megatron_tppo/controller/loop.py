@@ -26,6 +26,7 @@ from megatron_tppo.algorithms.tppo_batch import (
 from megatron_tppo.algorithms.window_pool import Prompt, StepBatch, WindowPool
 from megatron_tppo.controller.colocation import Colocation
 from megatron_tppo.controller.errors import NonFiniteLossError
+from megatron_tppo.evaluation import evaluate_policy
 from megatron_tppo.rollout.base import Sampling
 
 
@@ -240,6 +241,8 @@ class TPPOLoop:
             self.pool.set_values(seg.sample_uid, seg.start, values[i, a: a + seg.end - seg.start].tolist())
 
     def policy_segments(self, batch: StepBatch) -> list[SegmentInput]:
+        """This step's segments as policy inputs, less the groups dynamic sampling drops (config
+        validation allows it only where each group is generated and trained within this step)."""
         drop = set()
         if self.cfg.algorithm.dynamic_sampling:
             for gid, group in batch.completed_groups.items():
@@ -269,7 +272,8 @@ class TPPOLoop:
                   "policy/advantage_max": float(adv.max()), "policy/advantage_min": float(adv.min()),
                   "policy/lambda_mean": float(b["lambda"].mean())})
         t0 = time.perf_counter()
-        refs = self.policy.train_step_async(b, self.policy_loss, n, with_entropy=True)
+        refs = self.policy.train_step_async(b, self.policy_loss, n, with_entropy=True,
+                                            temperature=self.cfg.rollout.logprob_temperature())
         return refs, b, n, m, t0
 
     def finish_policy_update(self, refs, b: dict, n: float, m: dict, t0: float) -> dict:
@@ -285,7 +289,8 @@ class TPPOLoop:
         a = self.cfg.algorithm
         out = first = self.policy.wait_train(refs)
         for _ in range(a.policy_epochs - 1):
-            out = self.policy.train_step(b, self.policy_loss, n, with_entropy=True)
+            out = self.policy.train_step(b, self.policy_loss, n, with_entropy=True,
+                                         temperature=self.cfg.rollout.logprob_temperature())
         dt = time.perf_counter() - t0
         self.version += 1
         m["rollout/logprob_mismatch_max"] = first["logprob_abs_diff_max"]
@@ -344,14 +349,13 @@ class TPPOLoop:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:
-        """pass@1 averaged over k samples on the held-out prompts, full-length generation."""
+        """pass@1 averaged over k samples on the held-out prompts, full-length generation, with its
+        bootstrap standard error over prompts (:mod:`megatron_tppo.evaluation`, the code
+        ``python -m megatron_tppo.evaluate`` runs too)."""
         d, r = self.cfg.data, self.cfg.rollout
-        prompts = self.task.eval_prompts
-        k = d.eval_samples_per_prompt
         t0 = time.perf_counter()
         sampling = Sampling(temperature=r.temperature, top_p=r.top_p, seed=self._seed(self.cfg.seed))
-        res = self.rollout.generate([p.prompt_ids for p in prompts], [r.max_response_tokens] * len(prompts), sampling, n=k)
-        scores = [self.task.score(self.task.decode(g.token_ids), prompts[i // k].meta)[0] for i, g in enumerate(res)]
-        return {"eval/accuracy": sum(scores) / max(len(scores), 1),
-                "eval/response_length_mean": sum(len(g.token_ids) for g in res) / max(len(res), 1),
-                "perf/eval_s": time.perf_counter() - t0}
+        report, _ = evaluate_policy(self.rollout, self.task.eval_prompts, d.eval_samples_per_prompt,
+                                    r.max_response_tokens, sampling, self.task.decode,
+                                    lambda text, meta: self.task.score(text, meta)[0], seed=self.cfg.seed)
+        return {**report.metrics("eval/"), "perf/eval_s": time.perf_counter() - t0}

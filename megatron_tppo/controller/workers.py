@@ -65,7 +65,7 @@ class TrainerWorker:
         self.engine.weights_changed()  # refresh the optimizer's fp32 main copies (bf16/fp16)
         return n
 
-    def forward(self, batch: dict, with_entropy: bool = False) -> Optional[dict]:
+    def forward(self, batch: dict, with_entropy: bool = False, temperature: float = 1.0) -> Optional[dict]:
         """Per-token outputs for this DP replica's share of the rows (about 1/DP of them, see
         ``data_parallel_rows(equal_rows=True)``): ``{"rows": [b] long, "outputs": {key: [b, T]}}``
         from the replica's first rank (tp=0, pp=0), None from the others. The driver puts the
@@ -76,7 +76,7 @@ class TrainerWorker:
         rows = data_parallel_rows(row_lengths(batch), self.info.dp, equal_rows=True)[self.info.dp_rank]
         out = {}
         if len(rows):  # a replica without rows has nothing to compute (forwards use no DP collective)
-            out = self.engine.forward(select_rows(batch, rows), with_entropy=with_entropy)
+            out = self.engine.forward(select_rows(batch, rows), with_entropy=with_entropy, temperature=temperature)
         lead = self.info.tp_rank == 0 and self.info.pp_rank == 0
         return {"rows": rows, "outputs": {k: v.cpu() for k, v in out.items()}} if lead else None
 
@@ -89,11 +89,13 @@ class TrainerWorker:
         """Restore what :meth:`offload` freed: bit-identical, dropped gradients zero-filled."""
         return self.engine.onload()
 
-    def train_step(self, batch: dict, loss_fn, global_num_tokens: float, with_entropy: bool = False) -> dict:
+    def train_step(self, batch: dict, loss_fn, global_num_tokens: float, with_entropy: bool = False,
+                   temperature: float = 1.0) -> dict:
         from megatron_tppo.training import split_for_data_parallel
 
         local = split_for_data_parallel(batch, self.info.dp, self.info.dp_rank)
-        return self.engine.train_step(local, loss_fn, global_num_tokens, with_entropy=with_entropy)
+        return self.engine.train_step(local, loss_fn, global_num_tokens, with_entropy=with_entropy,
+                                      temperature=temperature)
 
     def full_weights(self, dtype: Optional[str] = None) -> list[tuple[str, torch.Tensor]]:
         """This pipeline stage's weights as (global megatron name, full tensor); non-empty on the

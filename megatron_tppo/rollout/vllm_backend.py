@@ -36,9 +36,14 @@ Behaviour log-probs: vLLM's default ``logprobs_mode="raw_logprobs"`` reports log
 or with top_p. We default to ``"processed"`` (``processed_logprobs``): log-softmax after temperature
 and top-p masking, i.e. the distribution the token was really drawn from, which is what the PPO
 ratio's denominator needs. At temperature 1 and top_p 1 (the T-PPO setting) both modes are the
-same number: the policy's own log-prob. Greedy (temperature 0) results report the temperature-1
-log-probs in both modes. (On GPU, FlashInfer's top-p sampler cannot return processed log-probs;
-vLLM then uses its native sampler.)
+same number: the policy's own log-prob. The trainer scores tokens at the same temperature
+(``RolloutConfig.logprob_temperature``). vLLM 0.32's order (vllm/v1/sample/sampler.py) is logits
+-> penalties -> / temperature -> min-p -> top-k/top-p (the rest set to -inf) -> log_softmax, so
+with top_p < 1 a processed log-prob is log p_T(token) - log(nucleus mass): the trainer cannot
+reproduce that without the nucleus, and the config refuses top_p < 1 with processed log-probs
+(measured on a tiny model: an on-policy ratio of 0.90 at top_p 0.9). Greedy (temperature 0)
+results report the temperature-1 log-probs in both modes. (On GPU, FlashInfer's top-p sampler
+cannot return processed log-probs; vLLM then uses its native sampler.)
 """
 from __future__ import annotations
 

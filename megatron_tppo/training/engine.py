@@ -18,6 +18,9 @@ Alignment convention: every per-token output at index t describes **token t**:
 position t-1; ``entropy[b, t]`` is the entropy of that same next-token distribution (at t-1);
 ``values[b, t]`` is the critic's output at position t-1, i.e. V of the state in which token t was
 chosen. Index 0 has no predecessor: its outputs are 0 and it must never carry loss.
+``temperature`` (forward, train_step): the policy's log-probs and entropy are those of
+softmax(logits / temperature), the distribution the behaviour log-probs were taken from
+(``RolloutConfig.logprob_temperature``); the critic ignores it.
 
 Loss contract. ``loss_fn(outputs, micro_batch, global_num_tokens) -> (loss, metrics)``:
 ``outputs`` holds ``logprobs`` (+ ``entropy`` when the engine was asked for it) or ``values``,
@@ -168,21 +171,21 @@ class TrainEngine:
     def _dev(self) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device()) if self.device == "cuda" else torch.device("cpu")
 
-    def _token_outputs(self, output: torch.Tensor, mb: dict, with_entropy: bool) -> dict:
+    def _token_outputs(self, output: torch.Tensor, mb: dict, with_entropy: bool, temperature: float) -> dict:
         """Last-stage model output -> per-token outputs [b, t] aligned to tokens (see module doc)."""
         if self.role == "critic":
             v = output[..., 0].float()  # [b, t]: value at position t-1 belongs to token t
             return {"values": torch.nn.functional.pad(v[:, :-1], (1, 0))}
         tokens = mb["tokens"].to(output.device)
         logp, ent = vocab_parallel_logprobs(output[:, :-1], tokens[:, 1:], self.model_cfg.vocab_size,
-                                            self.tp_group, with_entropy)
+                                            self.tp_group, with_entropy, temperature)
         out = {"logprobs": torch.nn.functional.pad(logp, (1, 0))}
         if ent is not None:
             out["entropy"] = torch.nn.functional.pad(ent, (1, 0))
         return out
 
     def _run(self, batch: dict, loss_fn: Optional[LossFn], global_num_tokens: float, with_entropy: bool,
-             forward_only: bool):
+             forward_only: bool, temperature: float = 1.0):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         rows, mbs = self._micro_batches(batch)
@@ -190,7 +193,7 @@ class TrainEngine:
         model = self.model
 
         def loss_wrapper(mb, output):
-            outs = self._token_outputs(output, mb, with_entropy)
+            outs = self._token_outputs(output, mb, with_entropy, temperature)
             if loss_fn is None:
                 return output.new_zeros(()), {k: v.detach() for k, v in outs.items()}
             loss, metrics = loss_fn(outs, {k: v.to(output.device) for k, v in mb.items()}, global_num_tokens)
@@ -213,14 +216,14 @@ class TrainEngine:
     # ------------------------------------------------------------------ public API
 
     @torch.no_grad()
-    def forward(self, batch: dict, with_entropy: bool = False) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict, with_entropy: bool = False, temperature: float = 1.0) -> dict[str, torch.Tensor]:
         """Per-token outputs for every row of ``batch``, on every rank of this model replica.
 
         Policy: {"logprobs": [B, T]} (+ "entropy": [B, T]); critic: {"values": [B, T]}; fp32,
         aligned to tokens (index t = token t; index 0 and positions past a row's length are 0).
         """
         self._require_onloaded("forward")
-        rows, mbs, store = self._run(batch, None, 1.0, with_entropy, forward_only=True)
+        rows, mbs, store = self._run(batch, None, 1.0, with_entropy, forward_only=True, temperature=temperature)
         b, t = batch["tokens"].shape
         keys = ["values"] if self.role == "critic" else ["logprobs"] + (["entropy"] if with_entropy else [])
         out = {k: torch.zeros(b, t, dtype=torch.float32, device=self._dev) for k in keys}
@@ -239,7 +242,7 @@ class TrainEngine:
         return out
 
     def train_step(self, batch: dict, loss_fn: LossFn, global_num_tokens: float,
-                   with_entropy: bool = False) -> dict[str, float]:
+                   with_entropy: bool = False, temperature: float = 1.0) -> dict[str, float]:
         """One optimizer step on ``batch`` (this DP rank's rows) with the injected ``loss_fn``.
 
         Returns (on every rank) the loss and loss_fn metrics summed over micro-batches and DP
@@ -251,7 +254,8 @@ class TrainEngine:
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        rows, mbs, store = self._run(batch, loss_fn, float(global_num_tokens), with_entropy, forward_only=False)
+        rows, mbs, store = self._run(batch, loss_fn, float(global_num_tokens), with_entropy, forward_only=False,
+                                     temperature=temperature)
         metrics = self._reduce_metrics(store)  # identical on every rank, so all ranks decide alike
         finite = math.isfinite(metrics.get("loss", 0.0))
         if finite:

@@ -14,7 +14,7 @@ from megatron_tppo.planning.schedule import run_phases
 from tests.e2e.conftest import check_memory_trace, run_tiny, saves_of
 
 REQUIRED_TAGS = [
-    "train/reward_mean", "eval/accuracy", "rollout/response_length_mean", "rollout/finished_count",
+    "train/reward_mean", "eval/accuracy", "eval/accuracy_se", "rollout/response_length_mean", "rollout/finished_count",
     "rollout/truncated_count", "policy/clip_fraction", "critic/value_loss", "critic/explained_variance",
     "perf/generate_s", "perf/train_s", "perf/weight_sync_s", "perf/generated_tokens_per_s",
     "rollout/logprob_mismatch_max", "policy/entropy", "policy/grad_norm", "critic/grad_norm", "policy/lr",

@@ -1,5 +1,6 @@
 """Config: YAML + dotted overrides onto the dataclasses, docs on every field, validation errors."""
 import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,12 +38,12 @@ def test_yaml_and_overrides(tmp_path):
     p.write_text(yaml.safe_dump({"steps": 7, "rollout": {"window_tokens": 32, "max_response_tokens": 96},
                                  "parallel": {"policy": {"tensor_parallel": 2}},
                                  "optim": {"critic": {"lr": 3e-6}}, "model": {"hf_path": "/x"}}))
-    cfg = IO.load_config(p, ["rollout.num_slots=16", "algorithm.dynamic_sampling=true", "model.fp8=null",
+    cfg = IO.load_config(p, ["rollout.num_slots=16", "rollout.colocate=false", "model.fp8=null",
                             "optim.policy.lr=5e-7", "data.template=Q: {prompt}\nA:", "model.hf_path=none"])
     assert cfg.steps == 7 and cfg.rollout.window_tokens == 32 and cfg.rollout.num_slots == 16
     assert cfg.parallel.policy.tensor_parallel == 2 and cfg.parallel.critic.tensor_parallel == 1
     assert cfg.optim.critic.lr == 3e-6 and cfg.optim.policy.lr == 5e-7
-    assert cfg.algorithm.dynamic_sampling is True and cfg.model.fp8 is None and cfg.model.hf_path is None
+    assert cfg.rollout.colocate is False and cfg.model.fp8 is None and cfg.model.hf_path is None
     assert cfg.data.template == "Q: {prompt}\nA:"
     assert cfg.max_windows == 3 and not cfg.is_ppo_baseline
     # the dump loads back to the same config
@@ -147,3 +148,37 @@ def test_unknown_refill_mode_is_a_config_error():
     cfg.rollout.refill = "sometimes"
     with pytest.raises(C.ConfigError, match="rollout.refill: must be window or continuous"):
         cfg.validate()
+
+
+PPO_SHAPE = ["rollout.window_tokens=256", "rollout.max_response_tokens=256", "rollout.num_slots=64",
+             "rollout.samples_per_prompt=8"]
+
+
+@pytest.mark.parametrize("extra,why", [
+    (["rollout.window_tokens=64", "rollout.max_response_tokens=256"], r"rollout.window_tokens \(64\) >= rollout.max_response_tokens \(256\)"),
+    (["rollout.refill=continuous"], r"rollout.refill window \(got continuous\)"),
+    (["rollout.num_slots=60"], r"rollout.num_slots \(60\) a multiple of rollout.samples_per_prompt \(8\)"),
+])
+def test_dynamic_sampling_is_refused_where_a_group_spans_steps(extra, why):
+    with pytest.raises(C.ConfigError, match="algorithm.dynamic_sampling: needs every group generated and trained "
+                                            "in one step") as err:
+        IO.load_config(None, PPO_SHAPE + ["algorithm.dynamic_sampling=true"] + extra)
+    assert re.search(why, str(err.value)), str(err.value)
+
+
+def test_dynamic_sampling_validates_for_ppo():
+    cfg = IO.load_config(None, PPO_SHAPE + ["algorithm.dynamic_sampling=true"])
+    assert cfg.is_ppo_baseline and cfg.algorithm.dynamic_sampling
+    IO.load_config(None, ["rollout.window_tokens=64", "rollout.max_response_tokens=256"])  # T-PPO without it
+
+
+def test_top_p_below_one_needs_raw_logprobs():
+    with pytest.raises(C.ConfigError, match="rollout.top_p: 0.9 < 1 with rollout.logprobs_mode=processed"):
+        IO.load_config(None, ["rollout.top_p=0.9"])
+    raw = IO.load_config(None, ["rollout.top_p=0.9", "rollout.logprobs_mode=raw", "rollout.temperature=0.7"])
+    assert raw.rollout.logprob_temperature() == 1.0  # the raw log-probs are the temperature-1 model's
+
+
+def test_trainer_scores_at_the_behaviour_logprob_temperature():
+    assert IO.load_config(None, ["rollout.temperature=0.7"]).rollout.logprob_temperature() == 0.7
+    assert IO.load_config(None, []).rollout.logprob_temperature() == 1.0
