@@ -9,12 +9,14 @@ trainers (megatron-core), the rollout engine (vLLM), and the step loop of
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from megatron_tppo.config import ConfigError, TPPOConfig
 from megatron_tppo.config_io import dump_yaml, help_text, load_config
@@ -194,12 +196,15 @@ def initialize(cfg: TPPOConfig, loop, model_dir: Path) -> int:
     from megatron_tppo.controller import run_checkpoint
 
     start = None
-    if cfg.checkpoint.resume:
-        start = run_checkpoint.resume(run_checkpoint.checkpoint_root(cfg.logging.output_dir), loop)
-        if start is None:
-            print("[tppo] checkpoint.resume: no whole checkpoint found; starting from the initial weights", flush=True)
+    root = run_checkpoint.checkpoint_root(cfg.logging.output_dir)
+    if cfg.checkpoint.resume and run_checkpoint.list_checkpoints(root):
+        loop.colocation.enter("resume")
+        start = run_checkpoint.resume(root, loop)
+    if cfg.checkpoint.resume and start is None:
+        print("[tppo] checkpoint.resume: no whole checkpoint found; starting from the initial weights", flush=True)
     if start is None:
         start = 0
+        loop.colocation.enter("checkpoint_load")
         if cfg.checkpoint.load_policy:
             loop.policy.load(cfg.checkpoint.load_policy, with_optimizer=False)
         else:
@@ -208,12 +213,24 @@ def initialize(cfg: TPPOConfig, loop, model_dir: Path) -> int:
             loop.critic.load(cfg.checkpoint.load_critic, with_optimizer=False)
         else:
             loop.critic.load_hf(str(model_dir))
-    # the engines start from the HF files: give them the policy's own weights through the same
-    # path every step uses (also when they are the HF ones, so step 1 already runs on a synced
-    # engine), then hand the GPUs to generation
-    loop.sync_weights()
+    # the engines started from dummy weights: give them the policy's own through the same path
+    # every step uses, then hand the GPUs to generation
+    loop.sync_weights()  # (the schedule's first_sync)
     loop.colocation.for_generation()
     return start
+
+
+def save_checkpoint(root: Path, step: int, loop, keep_last: int, then: Optional[str] = "generation") -> None:
+    """A run checkpoint in the memory schedule's save phase: from generation the engines sleep
+    (level 1) and the trainers come back first, and afterwards the run goes to phase ``then``
+    (None: it stops). After a stop signal the loop is already in its signal phase."""
+    from megatron_tppo.controller import run_checkpoint
+
+    if loop.colocation.phase == "generation":
+        loop.colocation.enter("checkpoint_save")
+    run_checkpoint.save(root, step, loop, keep_last)
+    if then is not None:
+        loop.colocation.enter(then)
 
 
 def run(cfg: TPPOConfig) -> dict:
@@ -223,6 +240,10 @@ def run(cfg: TPPOConfig) -> dict:
     from megatron_tppo.controller import cluster, run_checkpoint
     from megatron_tppo.controller.groups import RolloutGroup, TrainerGroup
     from megatron_tppo.controller.ray_placement import PlacedCluster, plan_for_cluster
+    from megatron_tppo.controller.colocation import Colocation
+    from megatron_tppo.planning.plan import transport_of
+    from megatron_tppo.planning.schedule import engine_utilization
+    from megatron_tppo.planning.time_model import waits as plan_waits
     from megatron_tppo.controller.weight_sync import WeightSync
     from megatron_tppo.controller.loop import Task, TPPOLoop
     from megatron_tppo.data.datasets import build_eval_prompts, build_prompt_stream, reward_name
@@ -256,33 +277,44 @@ def run(cfg: TPPOConfig) -> dict:
         plan, on_gpus = plan_for_cluster(cfg, device)
         for line in plan.describe():
             print(f"[tppo] {line}", flush=True)
+        # every wait sized from the plan's projection (start-up phases, sync), not a fixed limit
+        waits = plan_waits(cfg, len(plan.node_gpus()), transport_of(cfg, plan))
+        print(f"[tppo] waits: engine start {waits.engine_start_s:.0f} s, trainer build and load "
+              f"{waits.trainer_build_s:.0f} s, weight sync {waits.sync_s:.0f} s", flush=True)
         placed = PlacedCluster(plan, on_gpus)
         groups.append(placed)
         # initialize() loads both trainers (resume, checkpoint.load_*, or the HF model) and syncs the
         # policy into the engines before anything generates: nobody needs the random or HF weights
         # the builds would otherwise start from
         rollout = RolloutGroup(cfg.rollout.backend, str(model_dir), cfg.rollout, cfg.model, placed=placed,
-                               threads=threads, weights="dummy")
+                               threads=threads, weights="dummy", setup_timeout_s=waits.engine_start_s,
+                               utilization=functools.partial(engine_utilization, cfg, plan) if device == "cuda" else None)
         groups.append(rollout)
+        # the memory schedule from the start: engines start alone, then sleep while the trainers
+        # are built and loaded (vLLM refuses to start unless its budget is free; megatron_tppo/planning/schedule.py)
+        colocation = Colocation(cfg, rollout, trace_path=out / "memory_trace.jsonl")
+        colocation.enter("engine_start")
+        colocation.enter("trainer_build")
         policy = TrainerGroup("policy", cfg.model, cfg.parallel.policy, cfg.optim.policy, role="policy",
                               device=device, seed=cfg.seed, total_steps=cfg.steps, placed=placed, threads=threads,
-                              init_weights=False)
+                              init_weights=False, setup_timeout_s=waits.trainer_build_s)
         groups.append(policy)
         critic = TrainerGroup("critic", cfg.model, cfg.parallel.critic, cfg.optim.critic, role="critic",
                               device=device, seed=cfg.seed + 1, total_steps=cfg.steps, placed=placed, threads=threads,
-                              init_weights=False)
+                              init_weights=False, setup_timeout_s=waits.trainer_build_s)
         groups.append(critic)
+        colocation.attach(policy, critic)
         print(f"[tppo] cluster up in {time.perf_counter() - t0:.1f} s: policy {policy.world} ranks, "
               f"critic {critic.world} ranks, {cfg.rollout.num_engines} rollout engine(s) on {device}"
               + (" (GPU bundles)" if on_gpus else ""), flush=True)
         # which process is which (for py-spy, logs, and telling what died)
         (out / "actors.json").write_text(json.dumps(rollout.where + policy.where + critic.where, indent=1) + "\n")
 
-        sync = WeightSync(policy, rollout, cfg)  # per-stage transfer groups: trainer ranks -> engine workers
+        sync = WeightSync(policy, rollout, cfg, timeout_s=waits.sync_s)  # per-stage transfer groups: trainer ranks -> engine workers
         groups.append(sync)  # closed before the groups it spans
         print(f"[tppo] weight sync: {len(sync.senders)} sender(s) -> {sync.world_size - 1} engine worker(s) "
               f"over {sync.backend}", flush=True)
-        loop = TPPOLoop(cfg, policy, critic, rollout, task, logger, weight_sync=sync)
+        loop = TPPOLoop(cfg, policy, critic, rollout, task, logger, weight_sync=sync, colocation=colocation)
         start = initialize(cfg, loop, model_dir)
         first = loop.evaluate() if task.eval_prompts and cfg.data.eval_every > 0 and start == 0 else {}
         if first:
@@ -301,7 +333,7 @@ def run(cfg: TPPOConfig) -> dict:
             metrics = loop.step(step, _stop_check(stop, out, step))
             if loop.stopped_after == "generation":  # the step was undone: save the state before it
                 if step > start or start == 0:  # (resumed at `start`: its checkpoint holds that state)
-                    run_checkpoint.save(ckpt_root, step, loop, cfg.checkpoint.keep_last)
+                    save_checkpoint(ckpt_root, step, loop, cfg.checkpoint.keep_last, then=None)
                 bar.write(f"[tppo] {stop[0]} received during step {step + 1}'s generation: checkpointed "
                           f"step {step} and stopping (a resumed run regenerates step {step + 1})")
                 break
@@ -317,7 +349,8 @@ def run(cfg: TPPOConfig) -> dict:
             waited = 0.0  # perf/checkpoint_s: what this step waited for its checkpoint (0 without one)
             if cadence.due(step + 1, final=bool(stop) or last):
                 t_save = time.perf_counter()
-                run_checkpoint.save(ckpt_root, step + 1, loop, cfg.checkpoint.keep_last)
+                ends = bool(stop) or out_of_time or step + 1 == cfg.steps
+                save_checkpoint(ckpt_root, step + 1, loop, cfg.checkpoint.keep_last, then=None if ends else "generation")
                 waited = time.perf_counter() - t_save
                 cadence.saved()
             metrics["perf/checkpoint_s"] = waited

@@ -1,6 +1,6 @@
 """Ray actor groups: a trainer (TP x PP x DP ranks forming one process group) and rollout engines.
 
-Placement: every actor goes where the run's pure plan (:mod:`megatron_tppo.placement`) puts it,
+Placement: every actor goes where the run's pure plan (:mod:`megatron_tppo.planning.layout`) puts it,
 through the placement groups :class:`~megatron_tppo.controller.ray_placement.PlacedCluster`
 created from that plan; the groups here only start actors and call them.
 """
@@ -64,6 +64,8 @@ class TrainerGroup:
                  total_steps: int, placed: PlacedCluster, threads: int = 0, setup_timeout_s: float = 600.0,
                  init_weights: bool = True):
         self.name, self.world, self.where = name, layout.world_size, None
+        self.setup_timeout_s = setup_timeout_s
+        """The limit of a build or a load (train.py sizes it from the plan's start-up projection)."""
         self.who = _names(name, None, self.world)  # actor names for errors; pid and node once known
         actors = placed.plan.policy if role == "policy" else placed.plan.critic
         assert len(actors) == self.world, (len(actors), self.world)
@@ -81,7 +83,7 @@ class TrainerGroup:
         return _get(refs, f"{self.name}.{method}", timeout=timeout, who=self.who)
 
     def load_hf(self, hf_dir: str) -> int:
-        return self._all("load_hf", hf_dir)[0]
+        return self._all("load_hf", hf_dir, timeout=self.setup_timeout_s)[0]
 
     def forward(self, batch: dict, with_entropy: bool = False, temperature: float = 1.0) -> dict:
         return self.wait(self.forward_async(batch, with_entropy, temperature))
@@ -125,7 +127,7 @@ class TrainerGroup:
         _get(refs, f"{self.name}.save", who=self.who)
 
     def load(self, path: str, with_optimizer: bool = True) -> None:
-        self._all("load", path, with_optimizer)
+        self._all("load", path, with_optimizer, timeout=self.setup_timeout_s)
 
     def offload(self, params: bool = True, grads: bool | str = True, optimizer: bool = True) -> dict:
         """Free the trainer's device memory on every rank (bytes kept on host; ``grads="drop"``:
@@ -135,6 +137,10 @@ class TrainerGroup:
     def onload(self) -> dict:
         """Restore everything :meth:`offload` freed, on every rank; rank 0's stats."""
         return self._all("onload")[0]
+
+    def memory_state(self) -> list[dict]:
+        """Every rank's :meth:`TrainerWorker.memory_state`."""
+        return self._all("memory_state")
 
     def shutdown(self) -> None:
         for w in self.workers:
@@ -150,7 +156,10 @@ class RolloutGroup:
     """
 
     def __init__(self, backend: str, model_path: str, rollout_cfg, model_cfg, *, placed: PlacedCluster,
-                 threads: int = 0, setup_timeout_s: float = 600.0, weights: str = "checkpoint"):
+                 threads: int = 0, setup_timeout_s: float = 600.0, weights: str = "checkpoint",
+                 utilization=None):
+        """``utilization``: on GPUs, ``f(GPU memory in bytes) -> rollout.gpu_memory_utilization``, called
+        in each engine actor before vLLM starts (the memory schedule's budget for the engines)."""
         n = rollout_cfg.num_engines
         actors = placed.plan.engines
         assert len(actors) == n, (len(actors), n)
@@ -159,7 +168,7 @@ class RolloutGroup:
         remote = ray.remote(RolloutWorker)
         self.workers = [remote.options(**placed.actor_options(a)).remote(
                             backend, model_path, rollout_cfg, model_cfg, threads, placed.visible_devices(a),
-                            weights)
+                            weights, utilization)
                         for a in actors]
         where = _get([w.ping.remote() for w in self.workers], "rollout: engine start", timeout=setup_timeout_s)
         self.where = [dict(w, group="rollout engine", rank=i, gpus=[[g.node, g.index] for g in a.gpus])
@@ -220,6 +229,10 @@ class RolloutGroup:
         """Every engine frees its GPU memory (level 2: weights and KV cache; the next sync reloads
         the weights, so a step without a sync must use level 1). No-op on CPU."""
         _get([w.call.remote("sleep", level) for w in self.workers], "rollout.sleep", who=self.who)
+
+    def memory_state(self) -> list[dict]:
+        """Every engine's sleep state (:meth:`RolloutEngine.memory_state`)."""
+        return _get([w.call.remote("memory_state") for w in self.workers], "rollout.memory_state", who=self.who)
 
     def wake_up(self, tags: Optional[list] = None) -> None:
         """Every engine re-allocates ``tags`` ("weights" before a sync, "kv_cache" after; None = all)."""

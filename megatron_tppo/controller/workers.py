@@ -23,7 +23,8 @@ def _where() -> dict:
     import ray
 
     return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(),
-            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "cpu_affinity": sorted(os.sched_getaffinity(0))}  # the cores this process may run on
 
 
 class TrainerWorker:
@@ -34,6 +35,7 @@ class TrainerWorker:
         if threads > 0:
             torch.set_num_threads(threads)
         self.engine = None
+        self.unscheduled_onloads = 0
 
     def address(self) -> tuple[str, int]:
         """Where rank 0 listens for the process-group rendezvous (called on rank 0 only)."""
@@ -159,6 +161,7 @@ class TrainerWorker:
         (a checkpoint written between steps finds a colocated trainer offloaded)."""
         was, dropped = set(self.engine.offloaded), set(self.engine.dropped)
         if was:
+            self.unscheduled_onloads += 1  # the memory schedule should have brought it back
             self.engine.onload()
         try:
             return fn(*args)
@@ -166,6 +169,12 @@ class TrainerWorker:
             if was:  # dropped gradients are zero now: dropping them again loses nothing
                 grads = "drop" if "grads" in dropped else "grads" in was
                 self.engine.offload(params="params" in was, grads=grads, optimizer="optimizer" in was)
+
+    def memory_state(self) -> dict:
+        """What this rank holds off the device (for the memory trace): kinds offloaded (copied to
+        host), kinds dropped, and how many saves or loads had to onload it outside the schedule."""
+        return {"offloaded": sorted(self.engine.offloaded), "dropped": sorted(self.engine.dropped),
+                "unscheduled_onloads": self.unscheduled_onloads}
 
     def save(self, path: str, with_optimizer: bool = True) -> None:
         self._on_device(self.engine.save, path, with_optimizer)
@@ -178,20 +187,44 @@ class TrainerWorker:
         return _where()
 
 
+def _gpu_total_bytes(visible_devices: str) -> float:
+    """Total memory of the first of ``visible_devices``, read through NVML (no CUDA context in
+    this actor; NVML numbers GPUs physically, as CUDA_VISIBLE_DEVICES does); torch as a fallback."""
+    first = visible_devices.split(",")[0].strip()
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            handle = (pynvml.nvmlDeviceGetHandleByIndex(int(first)) if first.isdigit()
+                      else pynvml.nvmlDeviceGetHandleByUUID(first))
+            return float(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
+        finally:
+            pynvml.nvmlShutdown()
+    except ImportError:
+        return float(torch.cuda.mem_get_info(0)[1])
+
+
 class RolloutWorker:
     """One generation engine (vLLM), behind the narrow :class:`RolloutEngine` interface."""
 
     def __init__(self, backend: str, model_path: str, rollout_cfg, model_cfg, threads: int = 0,
-                 visible_devices: Optional[str] = None, weights: str = "checkpoint"):
+                 visible_devices: Optional[str] = None, weights: str = "checkpoint", utilization=None):
         if visible_devices is not None:
             # Ray gave this actor a share of its first GPU; the engine's TP workers (vLLM's own
-            # processes, spawned below) must see all of the engine's GPUs (megatron_tppo.placement)
+            # processes, spawned below) must see all of the engine's GPUs (megatron_tppo.planning.layout)
             os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
         if threads > 0:
             torch.set_num_threads(threads)
         from megatron_tppo.rollout import engine_class
 
         self.weights = weights  # what the engine started from (megatron_tppo.rollout.base.StartWeights)
+        if utilization is not None and visible_devices is not None:
+            # the engine's budget from the memory schedule, for this GPU's memory (before vLLM starts)
+            import dataclasses
+
+            total = _gpu_total_bytes(visible_devices)
+            rollout_cfg = dataclasses.replace(rollout_cfg, gpu_memory_utilization=utilization(total))
         self.engine = engine_class(backend).from_config(model_path, rollout_cfg, model_cfg, weights=weights)
 
     def generate(self, prompts, max_tokens, sampling, n: int = 1):

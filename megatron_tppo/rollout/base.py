@@ -162,6 +162,12 @@ class RolloutEngine(abc.ABC):
     def wake_up(self, tags: Optional[Sequence[str]] = None) -> None:
         """Undo :meth:`sleep` for ``tags`` ("weights", "kv_cache"; None = all)."""
 
+    def memory_state(self) -> dict:
+        """What sleeps (for the memory trace): ``asleep`` tags, and ``no_weights``: why the engine
+        has no usable weights (a level-2 sleep dropped them, or it started from dummy weights), or
+        None. Default: never asleep, always loaded."""
+        return {"asleep": [], "no_weights": None}
+
     # Weights straight from the trainers (megatron_tppo.controller.weight_sync): a backend that
     # supports it joins one transfer group per policy pipeline stage and receives every sync there.
 

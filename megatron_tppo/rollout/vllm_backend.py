@@ -411,6 +411,9 @@ class VLLMEngine(RolloutEngine):
             raise RuntimeError(f"{what}: the engine holds no real weights ({self._no_weights}); "
                                f"sync or load them before generating")
 
+    def memory_state(self) -> dict:
+        return {"asleep": sorted(self._asleep), "no_weights": self._no_weights or None}
+
     def sleep(self, level: int = 2) -> None:
         """Free the GPU for training: level 2 drops weights and KV cache, level 1 keeps the weights
         in host memory (see the module doc). Prefix cache is reset either way. No-op on vLLM's CPU
