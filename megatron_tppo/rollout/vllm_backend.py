@@ -131,7 +131,7 @@ def _set_engine_env(on_cpu: bool, tensor_parallel: int, kv_cache_gb: float) -> N
 
 def llm_kwargs(model_path: str, *, on_cpu: bool, max_model_len: int, max_num_seqs: int, tensor_parallel: int = 1,
                logprobs_mode: str = "processed", seed: int = 0, dtype: Optional[str] = None,
-               load_format: str = "auto", gpu_memory_utilization: float = 0.5,
+               load_format: str = "auto", gpu_memory_utilization: Optional[float] = 0.5,
                enforce_eager: Optional[bool] = None) -> dict:
     """The ``vllm.LLM`` keyword arguments for this platform (pure: unit-tested for both branches).
 
@@ -146,7 +146,9 @@ def llm_kwargs(model_path: str, *, on_cpu: bool, max_model_len: int, max_num_seq
     # generators do not have ("CPU Generator does not use offset"): seeded sampling of a
     # large batch crashes. Without chunking, a prefill that does not fit waits a step instead.
     extra = (dict(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192)) if on_cpu
-             else dict(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True))
+             else dict(enable_sleep_mode=True))
+    if not on_cpu and gpu_memory_utilization is not None:  # None: vLLM's own default (an engine alone on its GPUs)
+        extra["gpu_memory_utilization"] = gpu_memory_utilization
     if tensor_parallel > 1:
         extra["distributed_executor_backend"] = "mp"
     return dict(
@@ -173,7 +175,7 @@ class VLLMEngine(RolloutEngine):
         max_model_len: longest prompt + response in tokens.
         device: "auto" (vLLM's platform), "cpu" or "gpu" (only checked against the platform).
         cpu_kv_cache_gb: KV cache in GiB on CPU.
-        gpu_memory_utilization: fraction of GPU memory vLLM may take (GPU only).
+        gpu_memory_utilization: fraction of GPU memory vLLM may take (GPU only; None: vLLM's default, for an engine alone on its GPUs).
         tensor_parallel: vLLM tensor-parallel size (> 1: one worker process per rank).
         logprobs_mode: "processed" (the sampling distribution) or "raw" (temperature 1, no top-p).
         stop_token_ids: tokens that finish a response; None reads EOS from the model directory.
@@ -187,7 +189,7 @@ class VLLMEngine(RolloutEngine):
     """
 
     def __init__(self, model_path: Union[str, Path], *, max_model_len: int = 2048, device: str = "auto",
-                 cpu_kv_cache_gb: float = 1.0, gpu_memory_utilization: float = 0.5, tensor_parallel: int = 1,
+                 cpu_kv_cache_gb: float = 1.0, gpu_memory_utilization: Optional[float] = 0.5, tensor_parallel: int = 1,
                  logprobs_mode: Literal["processed", "raw"] = "processed",
                  stop_token_ids: Optional[Sequence[int]] = None, max_num_seqs: int = 256, seed: int = 0,
                  dtype: Optional[str] = None, load_format: str = "auto", enforce_eager: Optional[bool] = None):

@@ -24,6 +24,8 @@ def test_gpu_kwargs_use_cuda_graphs_and_sleep_mode():
     k = kw(False, gpu_memory_utilization=0.7, tensor_parallel=2)
     assert k["enforce_eager"] is False and k["dtype"] == "bfloat16" and k["enable_sleep_mode"] is True
     assert k["gpu_memory_utilization"] == 0.7 and k["distributed_executor_backend"] == "mp"
+    # unset (an engine alone on its GPUs: evaluation, tools): vLLM's own default, not None
+    assert "gpu_memory_utilization" not in kw(False, gpu_memory_utilization=None)
     assert k["tensor_parallel_size"] == 2 and "enable_chunked_prefill" not in k
     assert kw(False, enforce_eager=True)["enforce_eager"] is True      # configurable on GPU
     assert kw(True, enforce_eager=False)["enforce_eager"] is False
