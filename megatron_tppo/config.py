@@ -199,8 +199,9 @@ class RolloutConfig:
     activations and KV cache; GPU only). None: what the memory schedule leaves for it while the
     engines are awake (megatron_tppo/planning/schedule.py ``max_utilization``: the GPU less what
     the colocated trainer ranks keep, every process's CUDA context and NCCL reserve, and the
-    headroom), computed in each engine actor from its GPU's memory. A value is checked against
-    that limit there, before vLLM starts, and by ``plan``."""
+    headroom), computed in each engine actor from its GPU's memory (an engine alone on its GPUs,
+    as the evaluator's, takes vLLM's default). A value is checked against that limit there,
+    before vLLM starts, and by ``plan``."""
     cpu_kv_cache_gb: float = 1.0
     """KV-cache size in GiB for vLLM on CPU (VLLM_CPU_KVCACHE_SPACE)."""
     weight_sync_bucket_mb: int = 512
