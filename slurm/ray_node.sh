@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One Ray node of a Slurm job, run by slurm/tppo_32b.sh through
-#   srun --nodes=1 --ntasks=1 -w <node> slurm/ray_node.sh head|worker <head_ip> <gcs_port>
+#   srun --nodes=1 --ntasks=1 -c <node CPUs> -w <node> slurm/ray_node.sh head|worker <head_ip> <gcs_port>
 # It picks its own free ports on the node it runs on, starts Ray in the foreground (`ray start
 # --block`: every Ray daemon stays a child of this step, so stopping the srun step stops exactly
 # this node's Ray and nothing else of the user's), and removes its temp dir when Ray exits.
@@ -17,7 +17,8 @@
 # Environment: TPPO_RAY (ray CLI, default `ray` on PATH), TPPO_PYTHON (default python3),
 # TPPO_NODE_IP (this node's address; default: head = hostname --ip-address, worker = the local
 # address that routes to the head), RAY_AUTH_MODE/RAY_AUTH_TOKEN_PATH (set by tppo_32b.sh),
-# TPPO_RAY_TMP_ROOT (default /tmp: Ray's unix socket paths must stay under 107 characters).
+# TPPO_RAY_TMP_ROOT (default /tmp: Ray's unix socket paths must stay under 107 characters),
+# TPPO_RAY_NUM_CPUS (CPUs declared to Ray; default those of this step).
 set -euo pipefail
 
 role=${1:?usage: ray_node.sh head|worker HEAD_IP GCS_PORT}
@@ -80,6 +81,12 @@ else
     ip=${TPPO_NODE_IP:-$(route_ip "$head_ip")}
     args+=(--address="${head_ip}:${gcs_port}" --node-ip-address="$ip")
 fi
+# CPUs: those Slurm gave this step (srun -c: SLURM_CPUS_PER_TASK; else the cores this process may
+# run on), declared to Ray explicitly: Ray would count every core of the host, bound or not.
+# TPPO_RAY_NUM_CPUS overrides.
+affinity=$("$py" -c 'import os; c = sorted(os.sched_getaffinity(0)); print(len(c), ",".join(map(str, c)))')
+num_cpus=${TPPO_RAY_NUM_CPUS:-${SLURM_CPUS_PER_TASK:-${affinity%% *}}}
+args+=(--num-cpus="$num_cpus")
 # GPUs: exactly those Slurm gave this step (CUDA_VISIBLE_DEVICES, set by the gres/gpu plugin),
 # declared to Ray explicitly; Ray maps its GPU ids onto that list. On nodes without a GPU driver
 # (tests/slurm's character-device "GPUs") these are logical GPUs: the GPU placement still runs.
@@ -88,8 +95,8 @@ if [[ -n "${CUDA_VISIBLE_DEVICES:-}" && "${CUDA_VISIBLE_DEVICES}" != "NoDevFiles
     args+=(--num-gpus="${#visible[@]}")
 fi
 echo "${tag} ${role} raylet ${ip}:${nm_port} (slurm node ${node}, job ${SLURM_JOB_ID:-?}, GCS ${head_ip}:${gcs_port}," \
-     "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-none}, object store $((store >> 20)) MiB of" \
-     "$((shm_free >> 20)) MiB free in /dev/shm, temp ${tmp_dir})"
+     "${num_cpus} CPUs (affinity ${affinity#* }), CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-none}," \
+     "object store $((store >> 20)) MiB of $((shm_free >> 20)) MiB free in /dev/shm, temp ${tmp_dir})"
 
 # ray in the background so that this script can clean up after it; SIGTERM from srun is passed on
 "$ray_bin" start "${args[@]}" &

@@ -17,9 +17,13 @@
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=2
+#SBATCH --cpus-per-task=16
 #SBATCH --mem=0
 #SBATCH --time=00:20:00
 #SBATCH --output=runs/%x-%j.out
+# --cpus-per-task: everything (Ray, the trainers, vLLM's workers) runs in this one task; where the
+# cluster binds tasks to cores, the default of one CPU would put all of it on a single core.
+# Override on the command line (sbatch --cpus-per-task=N) for smaller nodes.
 set -euo pipefail
 
 root=${TPPO_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}

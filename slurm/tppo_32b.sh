@@ -11,10 +11,10 @@
 #   python -m megatron_tppo.plan --config CONFIG --nodes K --gpus-per-node 8
 #
 # What it does: a Ray head on the first node and one Ray worker on every other node, each an
-# `srun --nodes=1 --ntasks=1 -w <node>` step in the background (slurm/ray_node.sh: free ports
-# picked on its node); waits until Ray sees every node (and the GPUs asked for); runs the driver
-# on this (the head) node with parallel.ray_address=<head>:<port>; forwards SIGTERM/SIGUSR1 to the
-# driver so it can checkpoint; finally stops the Ray steps it started, by pid. No `ray stop`, no
+# `srun --nodes=1 --ntasks=1 -c <the node's CPUs> -w <node>` step in the background
+# (slurm/ray_node.sh: free ports picked on its node); waits until Ray sees every node (and the
+# GPUs asked for); runs the driver on this (the head) node with parallel.ray_address=<head>:<port>;
+# forwards SIGTERM/SIGUSR1 to the driver so it can checkpoint; finally stops the Ray steps it started, by pid. No `ray stop`, no
 # pkill: other jobs of the same user on a shared node are left alone.
 #
 # Output: runs/<job name>-<job id>/ (or logging.output_dir=... when given): config.yaml,
@@ -82,7 +82,28 @@ n_nodes=${#nodes[@]}
 gpus_per_node=${SLURM_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}
 gpus_per_node=${gpus_per_node##*:}  # "h100:8" -> 8
 expected_gpus=$(( n_nodes * ${gpus_per_node:-0} ))
-log "job ${job_id}: ${n_nodes} node(s) ${nodes[*]}, head ${head_node}, ${gpus_per_node} GPU(s)/node; run dir ${run_dir}"
+# CPUs the job holds on each node, in node-list order: SLURM_JOB_CPUS_PER_NODE reads "2(x2)" or
+# "72,36(x2)". Each Ray step asks for all of them (srun -c): a step with the default one CPU per
+# task is bound to a single core where the cluster binds tasks (task/affinity or task/cgroup, e.g.
+# TaskPluginParam=Cores), and the raylet, every trainer rank and the vLLM workers would share it.
+# ray_node.sh declares the same count to Ray (--num-cpus). Ray's Slurm template passes -c likewise.
+node_cpus=()
+IFS=, read -r -a cpn <<<"${SLURM_JOB_CPUS_PER_NODE:-}"
+for item in "${cpn[@]}"; do
+    if [[ "$item" =~ ^([0-9]+)\(x([0-9]+)\)$ ]]; then
+        for ((i = 0; i < BASH_REMATCH[2]; i++)); do node_cpus+=("${BASH_REMATCH[1]}"); done
+    elif [[ "$item" =~ ^[0-9]+$ ]]; then
+        node_cpus+=("$item")
+    fi
+done
+if [[ ${#node_cpus[@]} -ne $n_nodes ]]; then
+    log "cannot read the CPUs of ${n_nodes} node(s) from" \
+        "SLURM_JOB_CPUS_PER_NODE='${SLURM_JOB_CPUS_PER_NODE:-}'" >&2
+    exit 2
+fi
+
+log "job ${job_id}: ${n_nodes} node(s) ${nodes[*]}, head ${head_node}, ${gpus_per_node} GPU(s)/node," \
+    "CPUs per node ${node_cpus[*]}; run dir ${run_dir}"
 log "config ${config} ${overrides[*]}"
 
 # Fail before any Ray starts when the config is wrong (validation only, no heavy import) or, on
@@ -188,20 +209,21 @@ forward() {  # SIGTERM (scancel, preemption) / SIGUSR1 (--signal): let the drive
 trap 'forward TERM' TERM
 trap 'forward USR1' USR1
 
-start_node() {  # role node: one background srun step, pid recorded
-    local role=$1 node=$2
+start_node() {  # role node cpus: one background srun step, pid recorded
+    local role=$1 node=$2 cpus=$3
     # --overlap: the Ray steps and the driver share the allocation's CPUs/GPUs (Ray schedules them);
-    # each Ray step asks for its node's GPUs explicitly, so Slurm sets its CUDA_VISIBLE_DEVICES
+    # each Ray step asks for its node's GPUs explicitly, so Slurm sets its CUDA_VISIBLE_DEVICES, and
+    # for all of the node's CPUs (-c, see above)
     local gpus=()
     if [[ "${gpus_per_node:-0}" -gt 0 ]]; then gpus=(--gpus-per-node="$gpus_per_node"); fi
-    srun --nodes=1 --ntasks=1 -w "$node" --overlap --kill-on-bad-exit=0 "${gpus[@]}" \
+    srun --nodes=1 --ntasks=1 -c "$cpus" -w "$node" --overlap --kill-on-bad-exit=0 "${gpus[@]}" \
         bash "$root/slurm/ray_node.sh" "$role" "$head_ip" "$gcs_port" >"$run_dir/ray-${node}.log" 2>&1 &
     ray_pids+=("$!")
-    log "started Ray ${role} on ${node} (srun pid $!, log ${run_dir}/ray-${node}.log)"
+    log "started Ray ${role} on ${node} with ${cpus} CPUs (srun pid $!, log ${run_dir}/ray-${node}.log)"
 }
 
-start_node head "$head_node"
-for node in "${nodes[@]:1}"; do start_node worker "$node"; done
+start_node head "$head_node" "${node_cpus[0]}"
+for i in $(seq 1 $((n_nodes - 1))); do start_node worker "${nodes[$i]}" "${node_cpus[$i]}"; done
 
 log "waiting for ${n_nodes} Ray node(s) and ${expected_gpus} GPU(s) at ${ray_address}"
 "$py" - "$ray_address" "$n_nodes" "$expected_gpus" "${TPPO_RAY_WAIT_S:-600}" "${ray_pids[@]}" <<'EOF'

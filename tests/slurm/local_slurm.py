@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -63,8 +64,14 @@ def _which(name: str) -> str:
 class LocalSlurm:
     """``n_nodes`` emulated nodes ``n1..nN`` (``cpus`` each) in partition ``test``."""
 
-    def __init__(self, n_nodes: int = 2, cpus: int = 2, gpus: int = 0, root: str | None = None):
+    def __init__(self, n_nodes: int = 2, cpus: int = 2, gpus: int = 0, root: str | None = None,
+                 task_plugin: str = "task/affinity", task_plugin_param: str | None = "Cores"):
         self.n_nodes, self.cpus, self.gpus = n_nodes, cpus, gpus
+        # Tasks bound to cores, as on clusters that bind (task/affinity or task/cgroup, e.g.
+        # TaskPluginParam=Cores): every task runs on exactly the cores its step asked for, so an
+        # `srun --ntasks=1` without -c lands on one core (os.sched_getaffinity) and a launcher
+        # that forgets -c is caught. task_plugin="task/none" turns binding off.
+        self.task_plugin, self.task_plugin_param = task_plugin, task_plugin_param
         # /tmp dirs from pytest are 0700 root: the munge user could not reach its key there
         self.dir = Path(root or tempfile.mkdtemp(prefix="tppo-slurm-"))
         self.dir.chmod(0o755)
@@ -137,7 +144,8 @@ class LocalSlurm:
             "CredType=cred/munge",
             f"AuthInfo=socket={self.munge_socket}",
             "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
+            f"TaskPlugin={self.task_plugin}",
+            *([f"TaskPluginParam={self.task_plugin_param}"] if self.task_plugin_param else []),
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core",
             "AccountingStorageType=accounting_storage/none",
@@ -210,6 +218,30 @@ class LocalSlurm:
                 k, v = tok.split("=", 1)
                 info.setdefault(k, v)
         return info
+
+    def allocated_cpus(self, job_id: str, timeout_s: float = 120.0) -> dict[str, list[int]]:
+        """The CPU ids the running job holds on each of its nodes (``scontrol show job -d``:
+        ``Nodes=n[1-2] CPU_IDs=0-1 ...``), waiting until it runs; only a running job shows them.
+        Slurm's ids; on the emulated nodes (``CPUs`` = the host's cores) they are the OS's."""
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            r = subprocess.run(["scontrol", "show", "job", "-d", job_id], env=self.env(),
+                               capture_output=True, text=True)
+            found: dict[str, list[int]] = {}
+            for m in re.finditer(r"\bNodes=(\S+) CPU_IDs=(\S+)", r.stdout):
+                ids: list[int] = []
+                for part in m.group(2).split(","):
+                    lo, _, hi = part.partition("-")
+                    ids.extend(range(int(lo), int(hi or lo) + 1))
+                names = subprocess.run(["scontrol", "show", "hostnames", m.group(1)], env=self.env(),
+                                       capture_output=True, text=True).stdout.split()
+                found.update({n: ids for n in names})
+            if found:
+                return found
+            if self.job_info(job_id).get("JobState") not in ("PENDING", "CONFIGURING", "RUNNING"):
+                break
+            time.sleep(0.5)
+        raise RuntimeError(f"job {job_id}: no CPU_IDs in `scontrol show job -d` (not running?)")
 
     def requeue(self, job_id: str, timeout_s: float = 120.0) -> None:
         """``scontrol requeue``, then let the job start again at once: Slurm holds a requeued job

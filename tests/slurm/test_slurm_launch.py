@@ -130,6 +130,7 @@ def test_sbatch_rehearsal_of_the_32b_shape(slurm_cluster, tiny_model, tmp_path):
     job = slurm_cluster.sbatch(["--nodes=2", "--gpus-per-node=2", "--time=30", "--job-name=tppo-rehearsal",
                                 f"--output={tmp_path}/slurm-%j.out", str(ROOT / "slurm" / "tppo_32b.sh"),
                                 "examples/rehearsal/tppo_32b_shape.yaml", *overrides], cwd=ROOT, env=env)
+    node_cpus = slurm_cluster.allocated_cpus(job)  # only a running job shows them
     info = slurm_cluster.wait_job(job, timeout_s=900)
     out_file = tmp_path / f"slurm-{job}.out"
     out = out_file.read_text() if out_file.exists() else "(no Slurm output file)"
@@ -153,6 +154,16 @@ def test_sbatch_rehearsal_of_the_32b_shape(slurm_cluster, tiny_model, tmp_path):
     # colocated: the engine's two workers see the devices of policy ranks 0 and 1 (the same GPUs)
     engine_devices = by[("rollout engine", 0)]["cuda_visible_devices"].split(",")
     assert engine_devices == [by[("policy", r)]["cuda_visible_devices"] for r in (0, 1)], actors
+    # every trainer rank may run on all the cores its node was allocated: the cluster binds tasks
+    # to cores (TaskPluginParam=Cores), so a Ray step without `srun -c` and every actor under it
+    # would get one core. The emulated nodes share one host: both hold the same CPU ids.
+    assert sorted(node_cpus) == ["n1", "n2"], node_cpus
+    assert all(len(c) == slurm_cluster.cpus for c in node_cpus.values()), node_cpus
+    (cores,) = {tuple(c) for c in node_cpus.values()}
+    affinity = {(a["group"], a["rank"]): a["cpu_affinity"] for a in actors if a["group"] in ("policy", "critic")}
+    assert len(affinity) == 4 and all(tuple(c) == cores for c in affinity.values()), (cores, affinity)
+    for n in ("n1", "n2"):
+        assert f"{len(cores)} CPUs (affinity {','.join(map(str, cores))})" in (run_dir / f"ray-{n}.log").read_text()
     tb = read_scalars(run_dir / "tensorboard")
     steps = sorted({s for s, _ in tb["rollout/finished_count"]})
     assert steps == [1, 2, 3, 4], steps
@@ -170,7 +181,8 @@ def test_sbatch_smoke_on_a_two_gpu_node(slurm_cluster, tiny_model, tmp_path):
              "rollout.max_response_tokens=30", "algorithm.truncated_tail_ignore=2", "parallel.threads_per_worker=1"]
     env = {"TPPO_PYTHON": sys.executable, "TPPO_SMOKE_OUT": str(out),
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-    job = slurm_cluster.sbatch(["--nodes=1", "--gpus-per-node=2", "--time=20", f"--output={tmp_path}/slurm-%j.out",
+    job = slurm_cluster.sbatch(["--nodes=1", "--gpus-per-node=2", "--cpus-per-task=2", "--time=20",
+                                f"--output={tmp_path}/slurm-%j.out",
                                 str(ROOT / "slurm" / "smoke.sh"), str(tiny_model), *TINY_MODEL, *small],
                                cwd=ROOT, env=env)
     info = slurm_cluster.wait_job(job, timeout_s=400)
