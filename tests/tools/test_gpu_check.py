@@ -1,6 +1,7 @@
-"""tools/gpu_check.py for real: every part's CPU meaning runs and passes (so the GPU check cannot rot
-between lent GPUs), and a part that times out, cannot start or finds no GPU is reported as such,
-with its reason, and the script exits non-zero."""
+"""tools/gpu_check.py (its parts in tools/gpu_check_parts.py and tools/gpu_check_offload.py) for
+real: every part's CPU meaning runs and passes (so the GPU check cannot rot between lent GPUs), and
+a part that times out, cannot start or finds no GPU is reported as such, with its reason, and the
+script exits non-zero."""
 import json
 import math
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from megatron_tppo.training.offload import ALIGN
 from tests.conftest import REPO
 
 PARTS = ["ipc", "transfer_group", "offload", "startup", "checkpoint", "init_cost"]
@@ -82,6 +84,40 @@ def test_offload_moves_every_byte_and_reports_host_memory(cpu_run):
     assert all(math.isfinite(x) for x in r["step_losses"]) and r["offload_gb_per_s"] > 0
     assert set(r["memory"]) >= {"stepped", "offloaded", "onloaded"}
     assert all(m["rss_bytes"] > 0 for m in r["memory"].values())
+
+
+@pytest.mark.slow
+def test_offload_makes_the_controllers_moves_and_matches_a_reference(cpu_run):
+    """The controller's own cycle around a generation (Colocation.enter over the schedule's phases):
+    gradients dropped and optimizer state copied for the sync, the parameters for generation, onload
+    for the values; the host buffer its exact layout; the next step equals a never-offloaded one's."""
+    cy = result(cpu_run, "offload")["controller_cycle"]
+    kinds, moves, host = cy["kinds"], cy["moves"], cy["host"]
+    P, G, O = (kinds[k]["bytes"] for k in ("params", "grads", "optimizer"))
+    assert cy["phases"] == ["updates", "sync", "generation", "values"] and list(moves) == cy["phases"][1:]
+    calls = {n: m["policy_call"] for n, m in moves.items()}
+    assert calls["sync"]["kwargs"] == {"params": False, "grads": "drop", "optimizer": True}
+    assert calls["generation"]["kwargs"] == {"params": True, "grads": False, "optimizer": False}
+    assert (calls["values"]["method"], calls["values"]["kwargs"]) == ("onload", {})
+    assert "rollout.wake_up(['weights'])" in moves["sync"]["calls"] and "rollout.sleep(2)" in moves["values"]["calls"]
+    sync, gen, back = (calls[n]["result"] for n in moves)
+    assert sync["dropped_bytes"] == sync["grads_bytes"] == G and sync["bytes"] == O and sync["params_bytes"] == 0
+    assert gen["bytes"] == P and gen["dropped_bytes"] == 0 and back["bytes"] == P + O and back["zeroed_bytes"] == G
+    # what stays resident, on CPU the engine's storage bytes; the time of every move
+    assert cy["resident_before"]["engine_bytes"] == P + G + O == moves["values"]["resident"]["engine_bytes"]
+    assert moves["sync"]["resident"]["engine_bytes"] == P and moves["generation"]["resident"]["engine_bytes"] == 0
+    assert all(0 < m["seconds"] <= m["wall_s"] <= m["enter_s"] and m["gb_per_s"] > 0 for m in moves.values())
+    assert all(m["resident"]["rss_bytes"] > 0 for m in moves.values())
+    # the host buffer: no pinning on CPU (pinned_bytes == host_bytes is the CUDA check); the exact layout
+    assert host["pinned_bytes"] == 0 and host["offloader_pinned"] is False and not host["pinned_equals_host"]
+    assert host["host_bytes"] == host["host_buffer_bytes"] == host["layout_bytes"] and host["storage_bytes"] == P + O
+    assert 0 <= host["host_bytes"] - host["storage_bytes"] < ALIGN * host["copied_storages"]
+    assert host["copied_storages"] == kinds["params"]["storages"] + kinds["optimizer"]["storages"] < host["storages"]
+    assert cy["restore_mismatches"] == [] and cy["grads_zero_after_onload"]
+    ref = cy["reference"]
+    assert ref["reproduces_first_step"] and "not_judged" not in ref
+    assert ref["step_bit_identical"] and ref["step_mismatches"] == [] and ref["param_max_abs_diff"] == 0
+    assert ref["loss_after_cycle"] == ref["losses"][1] and math.isfinite(ref["loss_after_cycle"])
 
 
 @pytest.mark.slow
