@@ -117,27 +117,52 @@ def test_sbatch_rehearsal_of_the_32b_shape(slurm_cluster, tiny_model, tmp_path):
     two gres GPUs each: Ray takes them as logical GPUs, the colocated plan is applied (policy TP2
     on node 0 sharing its GPUs with the TP2 engine, critic PP2 on node 1), vLLM runs its
     multiprocess executor, weights go over the gloo transfer group, and every sync leaves the
-    train-vs-rollout mismatch below 1e-4."""
+    train-vs-rollout mismatch below 1e-4. Two jobs: the first runs steps 1-2 (a periodic save
+    after step 2) and gets Slurm's SIGUSR1 during step 3's generation (it saves and stops); the
+    second resumes and finishes steps 3-4. Both drivers' memory traces match the memory schedule
+    call for call (megatron_tppo/planning/schedule.py)."""
     import json
     import time
 
+    from megatron_tppo.config_io import load_config
     from megatron_tppo.monitoring import read_scalars
+    from megatron_tppo.planning.schedule import check_trace, run_phases
 
     run_dir = tmp_path / "run"
     overrides = TINY_MODEL + [f"model.hf_path={tiny_model}", f"logging.output_dir={run_dir}"]
     env = {"TPPO_PYTHON": sys.executable, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    args = ["--nodes=2", "--gpus-per-node=2", "--time=30", "--job-name=tppo-rehearsal",
+            f"--output={tmp_path}/slurm-%j.out", str(ROOT / "slurm" / "tppo_32b.sh"),
+            "examples/rehearsal/tppo_32b_shape.yaml", *overrides]
     t0 = time.time()
-    job = slurm_cluster.sbatch(["--nodes=2", "--gpus-per-node=2", "--time=30", "--job-name=tppo-rehearsal",
-                                f"--output={tmp_path}/slurm-%j.out", str(ROOT / "slurm" / "tppo_32b.sh"),
-                                "examples/rehearsal/tppo_32b_shape.yaml", *overrides], cwd=ROOT, env=env)
-    node_cpus = slurm_cluster.allocated_cpus(job)  # only a running job shows them
+    first = slurm_cluster.sbatch(args, cwd=ROOT, env={**env, "TPPO_TEST_HOLD_AT": "generation:3"})
+    node_cpus = slurm_cluster.allocated_cpus(first)  # only a running job shows them
+    held = run_dir / "held_generation_3"
+    deadline = time.time() + 600
+    while not held.exists():
+        state = slurm_cluster.job_info(first).get("JobState")
+        assert state in ("PENDING", "CONFIGURING", "RUNNING") and time.time() < deadline, (
+            state, (run_dir / "driver.log").read_text()[-5000:] if (run_dir / "driver.log").exists() else "")
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", first], env=slurm_cluster.env(), check=True, timeout=30)
+    info = slurm_cluster.wait_job(first, timeout_s=300)
+    driver_log = (run_dir / "driver.log").read_text() if (run_dir / "driver.log").exists() else ""
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{driver_log[-5000:]}"
+    assert "SIGUSR1 received during step 3's generation: checkpointed step 2" in driver_log, driver_log[-3000:]
+    job = slurm_cluster.sbatch(args, cwd=ROOT, env=env)  # resumes from step 2 by itself
     info = slurm_cluster.wait_job(job, timeout_s=900)
     out_file = tmp_path / f"slurm-{job}.out"
     out = out_file.read_text() if out_file.exists() else "(no Slurm output file)"
     driver_log = (run_dir / "driver.log").read_text() if (run_dir / "driver.log").exists() else ""
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", \
         f"{info.get('JobState')}\n{out[-5000:]}\n{driver_log[-5000:]}"
-    print(f"rehearsal job took {time.time() - t0:.0f} s")
+    assert re.search(r"resumed from \S+step_00000002 at step 2", driver_log), driver_log[-3000:]
+    print(f"rehearsal jobs took {time.time() - t0:.0f} s")
+    cfg = load_config(str(ROOT / "examples/rehearsal/tppo_32b_shape.yaml"), overrides)
+    records = [json.loads(line) for line in (run_dir / "memory_trace.jsonl").read_text().splitlines()]
+    warm = cfg.algorithm.critic_warmup_steps
+    assert check_trace(cfg, records) == [run_phases(range(2), warm, {2}, signal="generation"),
+                                         run_phases(range(2, 4), warm, {4}, resumed=True)]
     # each Ray node declared the 2 GPUs Slurm gave it
     for n in ("n1", "n2"):
         log = (run_dir / f"ray-{n}.log").read_text()
