@@ -13,17 +13,12 @@ from megatron_tppo.planning import schedule as S
 from megatron_tppo.planning.hardware import GPU, Host, gpu_memory_gib
 from megatron_tppo.planning.layout import plan_placement
 from megatron_tppo.planning.plan import PlanError, fill_layout, make_plan
+from tests.unit.test_plan import EMB, LAYER, ONE_B  # the ~0.85B Llama-style model, counted by hand
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = str(ROOT / "examples/qwen2.5_32b/tppo.yaml")
 GiB = 2 ** 30
 
-# the ~0.85B Llama-style model of test_plan.py
-ONE_B = ["model.arch=llama", "model.hidden_size=2048", "model.num_layers=16", "model.ffn_hidden_size=5632",
-         "model.num_attention_heads=16", "model.num_query_groups=4", "model.vocab_size=32000",
-         "model.qkv_bias=false", "model.tie_word_embeddings=false", "model.params_dtype=bf16"]
-LAYER = 45_092_864
-EMB = 32000 * 2048
 # one node of 4 GPUs: policy TP2 on GPUs 0-1, critic TP2 on 2-3, two TP2 engines over all four
 SMALL = ONE_B + ["parallel.device=cuda", "parallel.policy.tensor_parallel=2", "parallel.critic.tensor_parallel=2",
                  "parallel.policy.micro_batch_tokens=4096", "parallel.critic.micro_batch_tokens=4096",
