@@ -18,6 +18,8 @@ Reports steps, seconds per step, generated tokens/s over whole steps, the phase 
 values, train, sync, colocation) and the held-out accuracy start -> end (and best); writes
 benchmarks/results/cheaper_step.json and a PNG of held-out accuracy against wall-clock seconds.
 The TRL GRPO row is the issue's measurement (trl 1.16, same task and evaluation), quoted, not rerun.
+The console shows the step lines, real problems and the table; the library output (megatron-core,
+vLLM, Ray workers) goes to ``<run-dir>/logs/`` (:func:`megatron_tppo.console.start_run_logs`).
 """
 from __future__ import annotations
 
@@ -109,6 +111,10 @@ def main(argv=None) -> int:
     if not (Path(a.model) / "value_critic" / "tppo_value.json").is_file():
         raise SystemExit(f"{a.model}/value_critic: run tools/pretrain_value.py --model {a.model} first")
     seed = a.seed if a.seed is not None else load_config(a.config, a.overrides).seed
+    from megatron_tppo.console import start_run_logs
+
+    log_dir = start_run_logs(a.run_dir)
+    print(f"[cheaper_step] library output (megatron-core, vLLM, Ray workers): {log_dir.resolve()}", flush=True)
     res = {"seed": seed, "budget_s": a.budget_s, "config": a.config, "overrides": a.overrides, "runs": {},
            "trl_grpo_from_issue": TRL_ISSUE_ROW}
     for name in a.runs:

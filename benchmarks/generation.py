@@ -10,8 +10,9 @@
    prompt + generated-so-far per window (vLLM's prefix cache makes most of it a cache hit) and the
    per-call scheduling overhead.
 
-Prints a table and writes benchmarks/results/generation.json. The model is a random Qwen2 made
-offline (no hub): by default hidden 256, 4 layers, 4 heads (head 64), 2 KV heads, vocab 512.
+Prints a table and writes benchmarks/results/generation.json; vLLM's own output goes to
+generation.log beside it (:func:`megatron_tppo.console.quiet_process`). The model is a random Qwen2
+made offline (no hub): by default hidden 256, 4 layers, 4 heads (head 64), 2 KV heads, vocab 512.
 Each number is the best of ``--repeats`` runs; the load average is recorded with the results
 because the development machine's 2 cores are shared.
 """
@@ -115,6 +116,11 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "generation.json"))
     args = ap.parse_args()
+    from megatron_tppo.console import quiet_process
+
+    log = Path(args.out).with_suffix(".log")
+    console = quiet_process(log)  # the process's own output (vLLM in-process) into the log
+    console.write(f"[generation] library output (vLLM): {log}\n")
     torch.set_num_threads(2)
     m = ModelConfig(arch="qwen2", num_layers=4, hidden_size=256, ffn_hidden_size=704, num_attention_heads=4,
                     num_query_groups=2, vocab_size=512, max_position_embeddings=1024, qkv_bias=True,
@@ -141,13 +147,12 @@ def main() -> None:
         load_average_at_end=[round(x, 2) for x in os.getloadavg()], repeats=args.repeats,
         prompt_len=args.prompt_len, new_tokens=tokens, engine_start_seconds=round(start_sec, 2),
         batch_sweep=batch_rows, window_vs_full=dict(batch=16, rows=window_rows))
-    print(f"engine start: {start_sec:.1f} s\n\nGreedy generation, prompt {args.prompt_len}, {tokens} new tokens:")
-    print(table(batch_rows))
-    print(f"\nWindowed vs full generation (batch 16, {tokens} tokens, greedy):")
-    print(table(window_rows))
+    console.write(f"engine start: {start_sec:.1f} s\n\n"
+                  f"Greedy generation, prompt {args.prompt_len}, {tokens} new tokens:\n{table(batch_rows)}\n\nWindowed vs full generation (batch 16, {tokens} tokens, greedy):\n"
+                  f"{table(window_rows)}\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    console.write(f"\nwrote {args.out}\n")
     if not all(r["identical"] for r in window_rows):
         raise SystemExit("windowed generation differs from the full run")
 

@@ -16,7 +16,9 @@ optimizer holds fp32 master shards; fp32 on CPU), trains one step so the Adam mo
    on GPU exact as far as the kernels are deterministic, so the largest difference is reported).
 
 The checks and the offload are the code that tests/distributed/test_colocate.py runs on CPU.
-Prints one JSON object (also written to --out); exits 1 if a goal is missed.
+Prints one JSON object to stdout (also written to --out); exits 1 if a goal is missed. The
+libraries' own output (megatron-core, torch) goes to the .log beside --out
+(:func:`megatron_tppo.console.quiet_process`).
 """
 from __future__ import annotations
 
@@ -70,6 +72,12 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "offload_gpu.json"))
     args = ap.parse_args()
+    from megatron_tppo.console import quiet_process
+
+    log = Path(args.out).with_suffix(".log")
+    stdout = os.fdopen(os.dup(1), "w")  # for the JSON: quiet_process points fd 1 at the log
+    console = quiet_process(log)
+    console.write(f"[offload_gpu] library output (megatron-core, torch): {log}\n")
     cuda = args.device == "cuda"
     size = args.size or ("350m" if cuda else "tiny")
     if cuda:  # before CUDA initializes: deterministic cuBLAS, so the step comparison can be exact
@@ -137,14 +145,15 @@ def main() -> int:
         "step2_loss": step2["loss"], "ref_step2_loss": ref2["loss"], "step2_param_max_abs_diff": param_diff,
         "step2_bit_identical": not step_mismatches and step2["loss"] == ref2["loss"],
     }
-    print(json.dumps(res, indent=1))
+    stdout.write(json.dumps(res, indent=1) + "\n")
+    stdout.flush()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
     destroy_parallel()
     ok = freed >= 0.9 and not mismatches and (res["step2_bit_identical"] or cuda)
     if not ok:
-        print(f"FAILED: freed {freed:.1%} (goal >= 90%), restore mismatches {len(mismatches)}, "
-              f"step2 identical {res['step2_bit_identical']}", file=sys.stderr)
+        console.write(f"FAILED: freed {freed:.1%} (goal >= 90%), restore mismatches {len(mismatches)}, "
+                      f"step2 identical {res['step2_bit_identical']}\n")
     return 0 if ok else 1
 
 

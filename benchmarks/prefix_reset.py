@@ -5,8 +5,8 @@
 The same window (every slot's context = prompt + earlier windows, then ``--window`` new
 tokens, greedy) is generated twice per repeat: right after ``reset_prefix_cache()`` (what every
 step sees after a sync) and with the prefix cache warm from the identical previous call. The
-difference is the re-prefill of ``slots x context`` tokens. Prints one JSON line (last line of
-stdout, after vLLM's log).
+difference is the re-prefill of ``slots x context`` tokens. Prints one JSON line to stdout;
+vLLM's own output goes to ``--log`` (:func:`megatron_tppo.console.quiet_process`).
 
 Measured 2026-12-01 on this 2-core machine (shared with other jobs, so noisy), defaults (16 slots x
 768 tokens of context = 12,288 re-prefilled tokens, window 16): after the reset 3.85 s (3.18-4.89),
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -35,7 +36,13 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=768)
     p.add_argument("--window", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--log", default="runs/bench_prefix_reset.log", help="where vLLM's output goes")
     a = p.parse_args(argv)
+    from megatron_tppo.console import quiet_process
+
+    stdout = os.fdopen(os.dup(1), "w")  # for the JSON line: quiet_process points fd 1 at the log
+    console = quiet_process(a.log)
+    console.write(f"[prefix_reset] library output (vLLM): {a.log}\n")
     from megatron_tppo.rollout.vllm_backend import VLLMEngine
     from megatron_tppo.weights.hf_config import save_random_hf_model
 
@@ -62,10 +69,11 @@ def main(argv=None) -> int:
             warm.append(window())
         eng.shutdown()
     c, w = statistics.median(cold), statistics.median(warm)
-    print(json.dumps(dict(slots=a.slots, context=a.context, window=a.window, reprefill_tokens=a.slots * a.context,
-                          after_reset_s=round(c, 4), warm_cache_s=round(w, 4), reprefill_s=round(c - w, 4),
-                          ratio=round(c / w, 2), cold_all=[round(x, 4) for x in cold],
-                          warm_all=[round(x, 4) for x in warm])))
+    res = dict(slots=a.slots, context=a.context, window=a.window, reprefill_tokens=a.slots * a.context,
+               after_reset_s=round(c, 4), warm_cache_s=round(w, 4), reprefill_s=round(c - w, 4),
+               ratio=round(c / w, 2), cold_all=[round(x, 4) for x in cold], warm_all=[round(x, 4) for x in warm])
+    stdout.write(json.dumps(res) + "\n")
+    stdout.flush()
     return 0
 
 

@@ -25,6 +25,11 @@ split (generate, values, train, sync), slot utilization, generated tokens/s over
 benchmarks/results/tppo_vs_ppo.json (``--seeds`` with more than one seed: tppo_vs_ppo_seed<N>.json
 each, same schema) and a PNG of held-out accuracy against training seconds beside it.
 
+The console shows what ``python -m megatron_tppo.train`` shows (the step lines, real problems) and
+this benchmark's table; the library output of every mode (megatron-core, vLLM, Ray workers) goes to
+``<run-dir>/logs/`` (:func:`megatron_tppo.console.start_run_logs`: driver.log, worker-<host>-<pid>.log;
+each mode's ``actors.json`` says which worker process held which actor).
+
 Evaluation is one code path: the periodic ``eval/accuracy`` (and ``eval/accuracy_se``) come from
 the training loop's evaluation, and each mode's final model (its last run checkpoint) is scored
 again by ``python -m megatron_tppo.evaluate`` on ``--final-eval-prompts`` x ``--final-eval-samples``
@@ -199,6 +204,10 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
     seeds = a.seeds or [a.seed if a.seed is not None else load_config(a.config, a.overrides).seed]
+    from megatron_tppo.console import start_run_logs
+
+    log_dir = start_run_logs(a.run_dir)
+    print(f"[tppo_vs_ppo] library output (megatron-core, vLLM, Ray workers): {log_dir.resolve()}", flush=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     from plot_png import line_chart

@@ -22,9 +22,10 @@ in a receiver. The driver must not grow with the model on the direct path.
     .venv/bin/python benchmarks/weight_sync.py                            # all sizes up to ~1.1 GB, TP 1 and 2
     .venv/bin/python benchmarks/weight_sync.py --sizes xs --engine-tp 1 2 --repeats 1   # a quick check
 
-Prints a table and writes benchmarks/results/weight_sync.json. The 1 GB size needs about 10 GB of
-RAM (policy with Adam states ~4x the model, engine, and the driver path's copies) and a quiet
-machine: on 2 cores each size takes minutes.
+Prints a table and writes benchmarks/results/weight_sync.json; the library output of the workers
+(megatron-core, vLLM) goes to ``<run-dir>/logs/`` (:func:`megatron_tppo.console.start_run_logs`).
+The 1 GB size needs about 10 GB of RAM (policy with Adam states ~4x the model, engine, and the
+driver path's copies) and a quiet machine: on 2 cores each size takes minutes.
 """
 from __future__ import annotations
 
@@ -233,10 +234,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--workdir", default=None, help="where the random models are written (default: a temp dir)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "weight_sync.json"))
+    p.add_argument("--run-dir", default="runs/bench_weight_sync", help="its logs/ gets the library output")
     a = p.parse_args()
-    import ray
+    from megatron_tppo.console import start_run_logs
+    from megatron_tppo.controller import cluster
 
-    ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}})
+    log_dir = start_run_logs(a.run_dir)
+    print(f"[weight_sync] library output (megatron-core, vLLM, Ray workers): {log_dir.resolve()}", flush=True)
+    started = cluster.connect(num_cpus=8)
     rows: list = []
     try:
         with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
@@ -249,7 +254,7 @@ def main() -> None:
 
                     shutil.rmtree(d)
     finally:
-        ray.shutdown()
+        cluster.shutdown(started)
     table = best_rows(rows)
     print_table(table)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -145,7 +145,9 @@ def llm_kwargs(model_path: str, *, on_cpu: bool, max_model_len: int, max_num_seq
     # request and rewind that request's seeded generator with Generator.set_offset, which CPU
     # generators do not have ("CPU Generator does not use offset"): seeded sampling of a
     # large batch crashes. Without chunking, a prefill that does not fit waits a step instead.
-    extra = (dict(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192)) if on_cpu
+    # The step's token budget: 8192, but no more than all sequences can hold (vLLM warns above that).
+    budget = max(max_model_len, min(8192, max_num_seqs * max_model_len))
+    extra = (dict(enable_chunked_prefill=False, max_num_batched_tokens=budget) if on_cpu
              else dict(enable_sleep_mode=True))
     if not on_cpu and gpu_memory_utilization is not None:  # None: vLLM's own default (an engine alone on its GPUs)
         extra["gpu_memory_utilization"] = gpu_memory_utilization

@@ -17,6 +17,10 @@ def test_cpu_kwargs_are_eager_fp32_without_chunked_prefill():
     k = kw(True)
     assert k["enforce_eager"] is True and k["dtype"] == "float32" and k["enable_chunked_prefill"] is False
     assert k["max_num_seqs"] == 32 and k["max_num_batched_tokens"] == 8192
+    # never above what the sequences can hold (vLLM warns), never below one whole sequence
+    small = llm_kwargs("/m", on_cpu=True, max_model_len=128, max_num_seqs=8)["max_num_batched_tokens"]
+    assert small == 8 * 128
+    assert llm_kwargs("/m", on_cpu=True, max_model_len=9000, max_num_seqs=1)["max_num_batched_tokens"] == 9000
     assert "enable_sleep_mode" not in k and "gpu_memory_utilization" not in k
 
 
