@@ -136,7 +136,7 @@ class TPPOLoop:
         self._check_nonfinite(m)
         if stop_requested is not None and stop_requested("updates"):
             self.stopped_after = "updates"  # no sync: the checkpoint holds the new weights
-            self.colocation.enter("signal_updates")
+            self.colocation.enter("signal_updates" if will_sync else "signal_warmup_updates")
         else:
             if will_sync:  # (also after an update-less step: a sleeping engine dropped its weights)
                 m.update(self.sync_weights())  # hands the GPUs over for the sync first (colocated)

@@ -38,6 +38,7 @@ when the engines own their GPUs, so nothing moves):
                      trainers back; then ``generation`` again
     signal_generation  a stop signal during generation: the step is undone and saved
     signal_updates   a stop signal after the updates: saved before the sync
+    signal_warmup_updates  the same in a critic warm-up step (engines stay at level 1)
 
 Release before load: a transition first offloads and puts engines to sleep, then onloads and
 wakes, so its peak is never above the larger of the two phases it joins.
@@ -86,6 +87,8 @@ COLOCATED = (
     _p("checkpoint_save", "asleep1", "resident", "resident", "save", "save", "a save at a step's end"),
     _p("signal_generation", "asleep1", "resident", "resident", "save", "save", "stop signal during generation"),
     _p("signal_updates", "asleep2", "resident", "resident", "save", "save", "stop signal after the updates"),
+    _p("signal_warmup_updates", "asleep1", "resident", "resident", "save", "save",
+       "stop signal after a warm-up step's update"),
 )
 PHASE_NAMES = tuple(p.name for p in COLOCATED)
 
@@ -453,8 +456,11 @@ def run_phases(steps: range, warmup_steps: int, saves: set[int], resumed: bool =
         out += WARMUP_STEP if s < warmup_steps else STEP
         if s + 1 in saves:  # the save after the run's last step ends it
             out += ["checkpoint_save"] + ([] if s == steps[-1] and signal is None else ["generation"])
+    stopped = steps[-1] + 1 if len(steps) else 0  # the step the signal cuts
     if signal == "generation":
         out.append("signal_generation")
+    elif signal == "updates" and stopped < warmup_steps:
+        out += ["warmup_values", "warmup_updates", "signal_warmup_updates"]
     elif signal == "updates":
         out += ["values", "updates", "signal_updates"]
     return out

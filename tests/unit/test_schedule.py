@@ -124,11 +124,15 @@ def test_moves_between_phases():
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(resumed=True), dict(signal="generation"), dict(signal="updates"),
-                                dict(saves={1, 2, 3})])
+                                dict(saves={1, 2, 3}), dict(steps=range(0), signal="updates"),
+                                dict(steps=range(0), signal="generation"), dict(steps=range(1), saves={1})])
 def test_every_run_shape_is_a_sequence_of_possible_moves(kw):
-    seq = S.run_phases(range(0, 3) if not kw.get("resumed") else range(2, 4), 1, kw.pop("saves", {2}), **kw)
+    steps = kw.pop("steps", range(0, 3) if not kw.get("resumed") else range(2, 4))
+    seq = S.run_phases(steps, 1, kw.pop("saves", {2}), **kw)
     S.check_sequence(small(), seq)
     assert seq[:2] == ["engine_start", "trainer_build"]  # engines start alone and sleep first
+    if not steps and kw.get("signal") == "updates":  # cut in a critic warm-up step: engines at level 1
+        assert seq[-3:] == ["warmup_values", "warmup_updates", "signal_warmup_updates"]
 
 
 def _fake_trace(cfg, names, observe):
