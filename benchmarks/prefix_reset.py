@@ -11,7 +11,7 @@ vLLM's own output goes to ``--log`` (:func:`megatron_tppo.console.quiet_process`
 Measured 2026-12-01 on this 2-core machine (shared with other jobs, so noisy), defaults (16 slots x
 768 tokens of context = 12,288 re-prefilled tokens, window 16): after the reset 3.85 s (3.18-4.89),
 warm cache 2.50 s (2.03-2.73), medians of 3: the reset costs 1.34 s, x1.54 the window. The plan
-counts this term at GPU compute rate (megatron_tppo/plan.py, "re-prefill after the sync").
+counts this term at GPU compute rate (megatron_tppo/planning/time_model.py, "re-prefill after the sync").
 """
 from __future__ import annotations
 

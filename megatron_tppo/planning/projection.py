@@ -273,5 +273,5 @@ def report(cfg, nodes_list=(4, 8, 16)) -> str:
                                title="\nif every slot were resident (the KV cache not bounding the batch):")]
     lines.append(f"paper: up to {PAPER_SPEEDUP}x less wall-clock than PPO at equal accuracy. This model counts "
                  "wall-clock per finished response only (no sample efficiency); PPO loses most where the KV "
-                 "cache does not bound the batch (more nodes), see megatron_tppo/projection.py.")
+                 "cache does not bound the batch (more nodes), see megatron_tppo/planning/projection.py.")
     return "\n".join(lines)
