@@ -29,16 +29,43 @@ py=${TPPO_PYTHON:-python3}
 node=${SLURMD_NODENAME:-$(hostname -s)}
 tag="[ray-node ${node}]"
 
-# N distinct free TCP ports on this node (bound then released; the window for a race is short)
+# N distinct free TCP ports on this node, from a window of its own above the kernel's ephemeral
+# range (and above Ray's worker ports, 10002-19999, and the GCS port search from 20000): a port
+# that bind(0) handed out and released again can be handed to another process (another Ray node
+# of the same host picking its ports at the same moment) before this node's raylet binds it. The
+# window depends on the job and on this node's place in the job's node list, so nodes sharing a
+# host (emulated nodes, two jobs) do not overlap; each port is still checked free.
 free_ports() {
-    "$py" - "$1" <<'EOF'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket()
-    s.bind(("", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
+    "$py" - "$1" "${SLURM_JOB_ID:-0}" "$node" "${SLURM_JOB_NODELIST:-}" <<'EOF'
+import socket, subprocess, sys, zlib
+n, job, node, nodelist = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+try:
+    nodes = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                           timeout=30).stdout.split() if nodelist else []
+except (OSError, subprocess.SubprocessError):
+    nodes = []
+index = nodes.index(node) if node in nodes else zlib.crc32(node.encode()) % 16
+with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+    base = int(f.read().split()[1]) + 1
+window = 32
+windows = max((65535 - base) // window, 1)
+start = base + ((job * 16 + index) % windows) * window
+picked = []
+for port in range(start, min(start + window, 65536)):
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            continue
+    picked.append(port)
+    if len(picked) == n:
+        break
+if len(picked) < n:  # a crowded window: ports the kernel picks
+    socks = [socket.socket() for _ in range(n - len(picked))]
+    for s in socks:
+        s.bind(("", 0))
+    picked += [s.getsockname()[1] for s in socks]
+print(" ".join(map(str, picked)))
 EOF
 }
 
