@@ -21,11 +21,9 @@ Memory model (bytes per GPU; GiB = 2**30 bytes):
   bytes / TP_vllm`` per token; vLLM may use ``gpu_memory_utilization`` of the GPU, less 2 GiB of
   its own activations. Demand for all slots at full length: ``num_slots x (prompt + L_max)``
   tokens; what does not fit runs in waves (vLLM preempts), it does not fail.
-- Colocated (``rollout.colocate``): the vLLM engines share the trainers' GPUs. During generation
-  the trainers keep only their bf16 weights on the GPU (grads and optimizer states offloaded to
-  host, as verl/slime do); during training vLLM sleeps (weights offloaded, KV freed). Not
-  colocated: the three components own disjoint GPUs. A fixed 4 GiB per GPU is reserved for the
-  CUDA context, NCCL buffers and fragmentation.
+- What each component holds in each phase of a run, with the CUDA context, NCCL reserve,
+  fragmentation and headroom (:mod:`megatron_tppo.planning.hardware`), is the memory schedule's
+  (:mod:`megatron_tppo.planning.schedule`); this module only counts.
 
 """
 from __future__ import annotations
