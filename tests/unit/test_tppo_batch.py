@@ -82,13 +82,14 @@ def test_critic_batch_monte_carlo_targets():
 def test_objectives_add_up_over_micro_batches_and_pickle():
     segs = _segments(seed=3, n=6)
     b = policy_batch(segs, window_tokens=6)
-    logp = b["old_logprobs"] + 0.1 * torch.randn_like(b["old_logprobs"]) * b["loss_mask"]
+    gen = torch.Generator().manual_seed(3)  # unseeded, a loss near 0 made the relative bound flaky
+    logp = b["old_logprobs"] + 0.1 * torch.randn(b["old_logprobs"].shape, generator=gen) * b["loss_mask"]
     fn = pickle.loads(pickle.dumps(functools.partial(policy_objective, positive_lm_coef=0.1)))
     n = float(b["num_tokens"])
     full, mfull = fn({"logprobs": logp}, b, n)
     parts = [fn({"logprobs": logp[i:i + 2]}, {k: v[i:i + 2] for k, v in b.items() if v.dim() > 0}, n)
              for i in range(0, 6, 2)]
-    assert sum(p[0].item() for p in parts) == pytest.approx(full.item(), rel=1e-5)
+    assert sum(p[0].item() for p in parts) == pytest.approx(full.item(), rel=1e-5, abs=1e-7)
     assert sum(p[1]["clip_fraction"].item() for p in parts) == pytest.approx(mfull["clip_fraction"].item(), abs=1e-6)
     mism = ((logp - b["old_logprobs"]).abs() * b["loss_mask"]).sum() / n
     assert mfull["logprob_abs_diff"].item() == pytest.approx(mism.item(), rel=1e-5)
