@@ -1,4 +1,4 @@
-"""The embedded default's step, before and after the cheaper-step changes, side by side (issue 13 item 4).
+"""The embedded default's step, before and after the cheaper-step changes, side by side.
 
     .venv/bin/python benchmarks/cheaper_step.py [--budget-s 420] [--seed 1234] [key.sub=value ...]
 

@@ -1,4 +1,4 @@
-"""Response lengths of an SFT start model on its task (issue 13 item 2): histogram PNG + percentiles.
+"""Response lengths of an SFT start model on its task: histogram PNG + percentiles.
 
 Samples responses with the run's own sampling settings (temperature, cap) from the model in HF
 format (transformers ``generate``, CPU) on held-out prompts of the config's data, and compares the

@@ -1,4 +1,4 @@
-"""PPO vs T-PPO (window refill) vs T-PPO (continuous refill), one after another in one run (issue 13 item 3).
+"""PPO vs T-PPO (window refill) vs T-PPO (continuous refill), one after another in one run.
 
 The same config, start model, seed and held-out set for every mode; each mode's training loop gets
 the same wall-clock budget (``time_budget_s`` with ``time_budget_excludes_eval=true``: the held-out

@@ -9,7 +9,7 @@ weights, on a local Ray cluster. The paths, in the same run:
   straight into the engine workers; the driver only orchestrates.
 * ``ipc`` (opt-in: ``--paths ... ipc``): the same with ``rollout.weight_transport=ipc``: the
   buckets stay in the sender's shared memory and only their handles cross the group.
-* ``driver`` (today's path until issue 12): ``TrainerGroup.full_weights`` returns the whole stage
+* ``driver`` (the path before direct transfer groups): ``TrainerGroup.full_weights`` returns the whole stage
   to the driver, ``RolloutGroup.load_weights`` puts it in the object store and each engine streams
   it in (through its workers over a local group when it has worker processes).
 

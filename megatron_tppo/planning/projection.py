@@ -1,4 +1,4 @@
-"""Wall-clock per 1,000 finished responses for PPO, T-PPO and continuous T-PPO (issue 13 item 5).
+"""Wall-clock per 1,000 finished responses for PPO, T-PPO and continuous T-PPO.
 
 A steady-state model on the plan's own unit costs (:func:`megatron_tppo.plan.make_plan`): its
 decode roofline (weights and KV read per iteration, HBM bandwidth), the engines' KV capacity, the
