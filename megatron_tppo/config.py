@@ -121,6 +121,11 @@ class ParallelConfig:
     colocation, TP groups within a node) run for real, with CPU compute inside the actors."""
     threads_per_worker: int = 0
     """torch intra-op threads per trainer/rollout process; 0 keeps torch's default."""
+    trainers: Literal["split", "shared"] = "split"
+    """How the policy and the critic divide the GPUs. split: the policy takes the first GPUs, the
+    critic the next ones; both update at once. shared: both start at GPU 0 and take turns (the idle
+    one offloaded; megatron_tppo/planning/schedule.py), so every engine worker's GPU also holds a
+    policy rank and a sync stays on the GPUs (ipc). Needs rollout.colocate."""
 
 
 @dataclass
@@ -174,15 +179,13 @@ class RolloutConfig:
     max_response_tokens: int = 256
     """Maximum response length L_max; a response reaching it is forced finished (paper: 24576)."""
     refill: Literal["window", "continuous"] = "window"
-    """When a finished slot takes the next sample, and what ends a step.
-    window (the paper): slots are refilled only at step boundaries; each step every active slot
-    generates up to window_tokens tokens, and a slot whose response ended early idles until the
-    step's last slot is done. continuous (TPPO.md section 7): a slot whose response ends takes
-    the next pending sample at once, inside the step; the step ends once num_slots x
-    window_tokens tokens were generated (over all engines, each with its share of slots and of
-    that budget), and whatever is in flight then is truncated and resumes next step from its
-    token ids. Weights are fixed within a step either way (policy lag below one step). Any
-    other value is a configuration error."""
+    """When a finished slot takes the next sample, and what ends a step. window (the paper): slots
+    refill only at step boundaries; each active slot generates up to window_tokens tokens per step,
+    and a slot whose response ended early idles until the step's last slot is done. continuous
+    (TPPO.md section 7): a slot whose response ends takes the next pending sample at once; the step
+    ends once num_slots x window_tokens tokens were generated (over all engines, each with its
+    share), and what is in flight then is truncated and resumes next step from its token ids.
+    Weights are fixed within a step either way (policy lag below one step)."""
     temperature: float = 1.0
     """Sampling temperature (> 0); the trainer's log-probs use it too (:meth:`logprob_temperature`)."""
     top_p: float = 1.0
@@ -195,26 +198,24 @@ class RolloutConfig:
     colocate: bool = True
     """Share devices with training (release/restore vLLM memory around generation)."""
     gpu_memory_utilization: Optional[float] = None
-    """Fraction of each GPU's memory an engine worker may take (vLLM's budget for its weights,
-    activations and KV cache; GPU only). None: what the memory schedule leaves for it while the
-    engines are awake (megatron_tppo/planning/schedule.py ``max_utilization``: the GPU less what
-    the colocated trainer ranks keep, every process's CUDA context and NCCL reserve, and the
-    headroom), computed in each engine actor from its GPU's memory (an engine alone on its GPUs,
-    as the evaluator's, takes vLLM's default). A value is checked against that limit there,
-    before vLLM starts, and by ``plan``."""
+    """Fraction of each GPU's memory an engine worker may take (vLLM's budget for weights,
+    activations and KV cache; GPU only). None: what the memory schedule leaves it while the engines
+    are awake (megatron_tppo/planning/schedule.py ``max_utilization``), computed in each engine
+    actor from its GPU (an engine alone on its GPUs, as the evaluator's, takes vLLM's default). A
+    value is checked against that limit there, before vLLM starts, and by ``plan``."""
     cpu_kv_cache_gb: float = 1.0
     """KV-cache size in GiB for vLLM on CPU (VLLM_CPU_KVCACHE_SPACE)."""
     weight_sync_bucket_mb: int = 512
     """Size bound of one bucket when streaming policy weights into vLLM."""
     weight_transport: Literal["auto", "gloo", "nccl", "ipc"] = "auto"
-    """How weights travel from the trainer ranks to the engine workers (one process group per
-    policy pipeline stage; megatron_tppo/weights/transfer.py). auto: nccl on cuda; when an engine
-    worker shares a sender's GPU (colocated; NCCL forbids it) ipc if every engine worker is on its
-    senders' node, else gloo; gloo on cpu. gloo: host buffers over TCP (CPU; on GPU a host-staged
-    fallback that works colocated and across nodes). nccl: CUDA buffers (engines on GPUs of their
-    own). ipc: the senders share their bucket buffers in place and send only handles
-    (megatron_tppo/weights/ipc.py): CUDA IPC on cuda, shared memory (/dev/shm) on cpu; every
-    engine worker must be on the node of every stage's sender (refused otherwise)."""
+    """How weights travel from the trainer ranks to the engine workers; one rule chooses
+    (megatron_tppo/planning/transport.py). ipc: buckets shared in place, only handles travel (CUDA
+    IPC on cuda, /dev/shm on cpu): from the policy rank on each engine worker's own GPU when every
+    one has one (parallel.trainers=shared), else from each stage's sender to engines on its node.
+    gloo: host buffers over TCP from each stage's sender (host-staged on GPU). nccl: CUDA buffers
+    from each stage's sender (engines on GPUs of their own). auto: ipc when each engine worker's
+    GPU holds a policy rank; else nccl on cuda for engines on their own GPUs, ipc when they share
+    the senders' GPUs on the senders' node, gloo otherwise; gloo on cpu."""
     logprobs_mode: Literal["processed", "raw"] = "processed"
     """Behaviour log-probs of the PPO ratio, and the trainer's alike: processed, of the sampling
     distribution log_softmax(logits / temperature); raw, of the temperature-1 model (then the
@@ -502,11 +503,14 @@ class TPPOConfig:
             check(r.max_num_seqs >= r.slots_per_engine(), "rollout.max_num_seqs",
                   f"{r.max_num_seqs} is below the slots each engine serves: ceil(rollout.num_slots={r.num_slots} / "
                   f"rollout.num_engines={r.num_engines}) = {r.slots_per_engine()}")
-        check(r.weight_transport != "nccl" or self.parallel.device != "cpu", "rollout.weight_transport",
-              "nccl needs parallel.device cuda (or auto on a GPU machine); use gloo or auto on cpu")
-        check(r.weight_transport != "nccl" or not r.colocate, "rollout.weight_transport",
-              "nccl with rollout.colocate=true puts an engine worker on a sender's GPU, which NCCL refuses; "
-              "use auto or gloo (host-staged)")
+        from megatron_tppo.weight_route import TransportError, check_request
+
+        try:
+            check_request(r.weight_transport, self.parallel.device, r.colocate)
+        except TransportError as err:
+            check(False, "rollout.weight_transport", str(err))
+        check(self.parallel.trainers == "split" or r.colocate, "parallel.trainers",
+              "shared needs rollout.colocate=true (the trainers take turns on the engines' GPUs)")
         if m.num_attention_heads > 0 and r.tensor_parallel >= 1:
             check(m.num_attention_heads % r.tensor_parallel == 0, "rollout.tensor_parallel",
                   f"{r.tensor_parallel} must divide model.num_attention_heads={m.num_attention_heads}")

@@ -21,12 +21,16 @@ TP group is a run of consecutive GPUs and stays inside a node when the group is 
   them); each GPU then holds one trainer rank and at most one engine worker, which take turns
   (engines sleep while the trainers train; the trainers offload while the engines generate). GPUs
   requested: ``P + C`` (engines may use fewer).
+- **Shared** (``parallel.trainers=shared``, colocated): the policy and the critic both start at
+  GPU 0 and take turns on the same GPUs, and the engines are laid over them from GPU 0; a GPU
+  then holds a policy rank, a critic rank and an engine worker, so every engine worker receives
+  the weights from the policy rank on its own GPU (:mod:`megatron_tppo.weight_route`).
 - **Not colocated**: policy, critic and engines own disjoint GPUs, in that order:
   ``P + C + E x k`` GPUs.
 
 ``gpu_fraction`` is what each actor declares of its bundle's GPU to Ray: the actors that share
-a bundle split it evenly (colocated trainer rank and engine: 0.5 each), so Ray's accounting matches
-the plan and never lets a third actor in.
+a bundle split it evenly (colocated trainer rank and engine: 0.5 each; shared: a third each), so
+Ray's accounting matches the plan and never lets another actor in.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_tppo.config import ConfigError, LayoutConfig, TPPOConfig
+from megatron_tppo.weight_route import Route, TransportError, WorkerSite, choose
 
 
 class PlacementError(ConfigError):
@@ -156,20 +161,21 @@ def _trainer(role: str, lay: LayoutConfig, first: int, per_node: int, fraction: 
     return tuple(ActorPlacement(role, r, (_gpu(first + r, per_node),), fraction) for r in range(lay.world_size))
 
 
-def ipc_errors(lay: LayoutConfig, policy: tuple[ActorPlacement, ...],
-                engines: tuple[ActorPlacement, ...]) -> list[str]:
-    """rollout.weight_transport=ipc: every engine GPU on the node of every stage's sender (the
-    stage's TP-rank-0 / DP-rank-0 rank: rank ``pp * tp * dp``, TP fastest, then DP, then PP)."""
+def sites_of(placement: "Placement", lay: LayoutConfig) -> list[WorkerSite]:
+    """Every engine worker's site for :func:`megatron_tppo.weight_route.choose`: the policy rank on
+    its GPU, and whether it is on every stage sender's node and GPU (a stage's sender is its
+    TP-rank-0 / DP-rank-0 rank: rank ``pp * tp * dp``, TP fastest, then DP, then PP)."""
     per_stage = lay.tensor_parallel * lay.data_parallel
-    senders = {s: policy[s * per_stage].gpus[0].node for s in range(lay.pipeline_parallel)}
-    for engine in engines:
-        for stage, node in senders.items():
-            away = sorted({g.node for g in engine.gpus if g.node != node})
-            if away:
-                return [f"rollout.weight_transport=ipc: engine {engine.rank} runs on node {away[0]}, the pipeline "
-                        f"stage {stage} sender on node {node}; IPC handles open only on the sender's node "
-                        f"(use auto, gloo or nccl for engines on other nodes)"]
-    return []
+    senders = [placement.policy[s * per_stage].gpus[0] for s in range(lay.pipeline_parallel)]
+    policy_on = {a.gpus[0]: a.rank for a in placement.policy}
+    return [WorkerSite(engine.rank, w, policy_on.get(g), all(g.node == s.node for s in senders), g in senders)
+            for engine in placement.engines for w, g in enumerate(engine.gpus)]
+
+
+def route_of(cfg: TPPOConfig, placement: "Placement") -> Route:
+    """How a sync moves the weights in this placement (the rule of :mod:`megatron_tppo.weight_route`)."""
+    return choose(cfg.rollout.weight_transport, cfg.parallel.device, cfg.rollout.colocate,
+                  sites_of(placement, cfg.parallel.policy))
 
 
 def plan_placement(cfg: TPPOConfig, nodes: int, gpus_per_node: int) -> Placement:
@@ -178,32 +184,49 @@ def plan_placement(cfg: TPPOConfig, nodes: int, gpus_per_node: int) -> Placement
         raise PlacementError(f"a cluster needs >= 1 node and >= 1 GPU per node, got {nodes} x {gpus_per_node}")
     par, r = cfg.parallel, cfg.rollout
     p, c, k, e = par.policy.world_size, par.critic.world_size, r.tensor_parallel, r.num_engines
+    shared = par.trainers == "shared"
     errors: list[str] = []
-    share = 0.5 if r.colocate else 1.0
-    policy = _trainer("policy", par.policy, 0, gpus_per_node, share, errors)
-    critic = _trainer("critic", par.critic, p, gpus_per_node, share, errors)
-    first_engine_gpu = 0 if r.colocate else p + c
+    policy = _trainer("policy", par.policy, 0, gpus_per_node, 1.0, errors)
+    critic = _trainer("critic", par.critic, 0 if shared else p, gpus_per_node, 1.0, errors)
+    trainer_gpus = max(p, c) if shared else p + c
+    first_engine_gpu = 0 if r.colocate else trainer_gpus
     if k > gpus_per_node:
         errors.append(f"rollout.tensor_parallel={k} spans nodes ({gpus_per_node} GPUs per node)")
     elif _straddles(first_engine_gpu, k, e, gpus_per_node):
         errors.append(f"rollout.tensor_parallel={k}: engines would straddle nodes "
                       f"({gpus_per_node} GPUs per node, first engine GPU {first_engine_gpu})")
     engines = tuple(
-        ActorPlacement("rollout", i, tuple(_gpu(first_engine_gpu + i * k + j, gpus_per_node) for j in range(k)), share)
+        ActorPlacement("rollout", i, tuple(_gpu(first_engine_gpu + i * k + j, gpus_per_node) for j in range(k)), 1.0)
         for i in range(e))
-    if r.colocate and e * k > p + c:
+    trainers = (f"policy {p} and critic {c} on the same GPUs" if shared else f"policy {p} + critic {c}")
+    if r.colocate and e * k > trainer_gpus:
         errors.append(f"rollout.colocate: {e} engines x rollout.tensor_parallel={k} = {e * k} GPUs, but the "
-                      f"trainers hold only {p + c} (policy {p} + critic {c}) to share")
-    needed = p + c if r.colocate else p + c + e * k
+                      f"trainers hold only {trainer_gpus} ({trainers}) to share")
+    needed = trainer_gpus if r.colocate else trainer_gpus + e * k
     total = nodes * gpus_per_node
     if needed > total:
-        errors.append(f"needs {needed} GPUs (policy {p} + critic {c}" + ("" if r.colocate else f" + vLLM {e}x{k}")
+        errors.append(f"needs {needed} GPUs ({trainers}" + ("" if r.colocate else f" + vLLM {e}x{k}")
                       + f"{', colocated' if r.colocate else ''}), the cluster has {nodes} x {gpus_per_node} = {total}")
-    if r.weight_transport == "ipc" and not errors:
-        errors += ipc_errors(par.policy, policy, engines)
+    if not errors:  # each actor declares an even share of its first GPU among the actors there
+        policy, critic, engines = _shares(policy, critic, engines)
     if errors:
         raise PlacementError("placement impossible:\n  " + "\n  ".join(errors))
-    return Placement(nodes, gpus_per_node, r.colocate, policy, critic, engines)
+    placement = Placement(nodes, gpus_per_node, r.colocate, policy, critic, engines)
+    try:
+        route_of(cfg, placement)
+    except TransportError as err:
+        raise PlacementError(f"placement impossible:\n  rollout.weight_transport={r.weight_transport}: {err}") from None
+    return placement
+
+
+def _shares(*groups: tuple[ActorPlacement, ...]) -> tuple[tuple[ActorPlacement, ...], ...]:
+    count: dict[Gpu, int] = {}
+    for group in groups:
+        for a in group:
+            for g in a.gpus:
+                count[g] = count.get(g, 0) + 1
+    return tuple(tuple(ActorPlacement(a.group, a.rank, a.gpus, 1.0 / count[a.gpus[0]]) for a in group)
+                 for group in groups)
 
 
 def cluster_shape(gpus_by_node: list[float]) -> Optional[tuple[int, int]]:

@@ -17,7 +17,7 @@ from typing import Optional
 from megatron_tppo.config import TPPOConfig
 from megatron_tppo.planning import schedule as S
 from megatron_tppo.planning.hardware import GPU, GiB, Host
-from megatron_tppo.planning.layout import Placement, PlacementError, ipc_errors, plan_placement
+from megatron_tppo.planning.layout import Placement, PlacementError, plan_placement, route_of
 from megatron_tppo.planning.memory import (VLLM_OVERHEAD_GIB, checkpoint_bytes, kv_bytes_per_token, model_params,
                                            trainer_memory)
 from megatron_tppo.planning.time_model import startup, step_roofline, waits
@@ -98,14 +98,8 @@ def _divides(cfg: TPPOConfig, nodes: int, gpus_per_node: int) -> Placement:
 
 
 def transport_of(cfg: TPPOConfig, placement: Placement) -> str:
-    """``rollout.weight_transport`` as WeightSync resolves ``auto``."""
-    r = cfg.rollout
-    if r.weight_transport != "auto":
-        return r.weight_transport
-    if cfg.parallel.device == "cpu":
-        return "gloo"
-    one_node = not ipc_errors(cfg.parallel.policy, placement.policy, placement.engines)
-    return ("ipc" if one_node else "gloo") if r.colocate else "nccl"
+    """The transport a sync uses in this placement (:func:`~megatron_tppo.planning.layout.route_of`)."""
+    return route_of(cfg, placement).transport
 
 
 def make_plan(cfg: TPPOConfig, nodes: int, gpus_per_node: int, gpu: GPU = GPU(), prompt_tokens: int = 1024,

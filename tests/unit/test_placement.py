@@ -116,9 +116,12 @@ def test_make_plan_counts_placement_gpus():
 
 def test_ipc_across_nodes_is_refused_naming_the_field():
     # the 32B recipe on 4 nodes: engines on every node, the stage senders on nodes 0 and 1
-    cfg = load_config(RECIPE, ["rollout.weight_transport=ipc"])
-    with pytest.raises(PlacementError, match=r"rollout\.weight_transport=ipc: engine 0 runs on node 0, the pipeline "
-                                              r"stage 1 sender on node 1"):
+    cfg = load_config(RECIPE, ["rollout.weight_transport=ipc", "parallel.trainers=split",
+                               "parallel.policy.data_parallel=1", "parallel.critic.data_parallel=1",
+                               "parallel.policy.pipeline_parallel=2", "parallel.critic.pipeline_parallel=2"])
+    with pytest.raises(PlacementError, match=r"rollout\.weight_transport=ipc: ipc: engine 4 worker 0 has no policy "
+                                              r"rank on its GPU, and engine 0 worker 0 runs off the node of a "
+                                              r"pipeline stage's sender"):
         plan_placement(cfg, 4, 8)
     # one node: every engine worker shares its senders' node -> placed (and auto plans the sync over ipc)
     tiny = load_config(TINY, ["rollout.weight_transport=ipc", "rollout.colocate=true", "rollout.num_engines=1"])
