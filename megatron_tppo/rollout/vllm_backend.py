@@ -20,8 +20,9 @@ over a local gloo group to the workers' same receive path. Either way vLLM reloa
 layer by layer into the live model (re-running its per-layer processing, e.g. the oneDNN repacking
 on CPU, which is why ``model.load_weights`` alone fails there) and then the prefix cache is reset
 so no KV computed with old weights is reused. A tied model's ``lm_head.weight`` is fed along with
-the embedding (:func:`with_tied_lm_head`). vLLM buffers a layer until *all* its tensors arrived;
-:mod:`megatron_tppo.weights.buckets` keeps each layer's tensors in one bucket.
+the embedding (:func:`~megatron_tppo.rollout.vllm_common.with_tied_lm_head`). vLLM buffers a
+layer until *all* its tensors arrived; :mod:`megatron_tppo.weights.buckets` keeps each layer's
+tensors in one bucket.
 
 Sleep (colocated GPUs): :meth:`sleep` defaults to level 2. vLLM's level 2 discards the weights
 and the KV cache (it keeps only model buffers, copied to host, and its runtime state); level 1
@@ -58,6 +59,7 @@ import torch
 from megatron_tppo.rollout.base import (GenerationResult, RolloutEngine, Sampling, StartWeights,
                                         normalize_max_tokens)
 from megatron_tppo.rollout.stream import StreamRequest, StreamUpdate
+from megatron_tppo.rollout.vllm_common import sampled_logprobs, with_tied_lm_head
 
 MIN_CPU_HEAD_SIZE = 32  # vLLM's CPU attention kernels support head sizes 32, 64, 80, ...
 
@@ -274,7 +276,7 @@ class VLLMEngine(RolloutEngine):
                 for j, comp in enumerate(sorted(out.outputs, key=lambda c: c.index)):
                     results[i * n + j] = GenerationResult(
                         token_ids=list(comp.token_ids),
-                        logprobs=_sampled_logprobs(comp.token_ids, comp.logprobs),
+                        logprobs=sampled_logprobs(comp.token_ids, comp.logprobs),
                         finish_reason=_finish_reason(comp.finish_reason),
                         policy_version=self.policy_version, prompt_index=i, sample_index=j)
         return results  # type: ignore[return-value]
@@ -290,7 +292,7 @@ class VLLMEngine(RolloutEngine):
         params = self._sampling_params(Sampling(temperature=0.0), 1, None, 1, prompt_logprobs=0)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(map(int, s))) for s in sequences],
                                     params, use_tqdm=False)
-        return [_sampled_logprobs(s[1:], out.prompt_logprobs[1:]) for s, out in zip(sequences, outputs)]
+        return [sampled_logprobs(s[1:], out.prompt_logprobs[1:]) for s, out in zip(sequences, outputs)]
 
     def stream(self, requests: Sequence[StreamRequest], budget: int, sampling: Sampling = Sampling(),
                expect_more: bool = True) -> StreamUpdate:
@@ -475,30 +477,6 @@ def _greedy_buckets(weights: Iterable[tuple[str, torch.Tensor]], bucket_bytes: i
         size += n
     if bucket:
         yield bucket
-
-
-def with_tied_lm_head(weights: Iterable[tuple[str, torch.Tensor]]):
-    """Feed the embedding to a tied model's lm_head too.
-
-    vLLM ties lm_head.weight to the embedding Parameter, but on CPU the lm_head also keeps a
-    oneDNN-packed copy made when its layer is processed; a reload that names only the embedding
-    leaves that copy stale (measured: logits of the old model). Naming ``lm_head.weight`` makes
-    vLLM reprocess the layer. A separately given ``lm_head.weight`` (HF state dicts of tied models
-    carry the same tensor) is dropped so the layer is loaded once.
-    """
-    for name, tensor in weights:
-        if name == "lm_head.weight":
-            continue
-        yield name, tensor
-        if name == "model.embed_tokens.weight":
-            yield "lm_head.weight", tensor
-
-
-def _sampled_logprobs(token_ids: Sequence[int], per_position) -> list[float]:
-    """vLLM's per-position {token id: Logprob} -> the log-prob of the token actually there."""
-    if per_position is None:
-        raise RuntimeError("vLLM returned no log-probs; was logprobs=0 passed?")
-    return [float(pos[int(tok)].logprob) for tok, pos in zip(token_ids, per_position)]
 
 
 def _finish_reason(reason: Optional[str]) -> str:

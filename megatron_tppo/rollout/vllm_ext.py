@@ -65,7 +65,7 @@ class WeightReceiverExtension:
 
         ``tied``: the model ties lm_head to the embedding (see ``with_tied_lm_head``).
         """
-        from megatron_tppo.rollout.vllm_backend import with_tied_lm_head
+        from megatron_tppo.rollout.vllm_common import with_tied_lm_head
         from megatron_tppo.weights.transfer import PeakMemory, TransferStats, receive
 
         groups = getattr(self, "_tppo_groups", {}).get(key)

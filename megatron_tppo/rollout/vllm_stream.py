@@ -36,7 +36,7 @@ from typing import Callable, Optional, Sequence
 
 from megatron_tppo.rollout.base import Sampling
 from megatron_tppo.rollout.stream import StreamRequest, StreamResult, StreamStart, StreamUpdate
-from megatron_tppo.rollout.vllm_backend import _sampled_logprobs
+from megatron_tppo.rollout.vllm_common import sampled_logprobs
 
 _IDS = itertools.count()
 
@@ -150,7 +150,7 @@ class VLLMStream:
                 continue  # an output of a request truncated just before (async scheduling)
             comp = out.outputs[0]
             ids = [int(t) for t in comp.token_ids]
-            lps = _sampled_logprobs(ids, comp.logprobs) if ids else []
+            lps = sampled_logprobs(ids, comp.logprobs) if ids else []
             room = budget - upd.tokens
             cut = len(ids) > room  # only when a step delivers several tokens per request
             if cut:
