@@ -3,10 +3,15 @@
 Does a config fit a cluster, and where does a step's time go? The command line of
 :mod:`megatron_tppo.planning` (pure arithmetic: no ray, vllm, megatron or torch import): the
 layout of every component, the memory of every phase on its fullest GPU, the host memory at its
-peak, the step's roofline and the projected start-up. Exits 3 naming the reason when the layout
-cannot divide or a phase cannot fit. ``--fill`` scales the data-parallel sizes and the number
-of vLLM engines to the cluster (the YAML states the smallest layout). ``--json`` prints one JSON
-document on stdout and nothing else. ``--compare-modes``: wall-clock per 1,000 finished
+peak, the step's roofline (the weight sync term by term, naming its dominant term), the projected
+start-up, and the config's trainer layout beside the other one (``parallel.trainers`` split or
+shared: step times, memory fit, which is faster). Exits 3 naming the reason when the layout
+cannot divide or a phase cannot fit. Every field of :class:`~megatron_tppo.planning.hardware.Links`
+is a flag (``--nvlink-gb-s``, ``--hbm-copy-gb-s``, ``--ib-gb-s``, ...). ``--fill`` scales the
+data-parallel sizes and the number of vLLM engines to the cluster (the YAML states the smallest
+layout). ``--json`` prints one JSON document on stdout and nothing else: with the placement and
+the memory, ``sync`` (route, seconds, terms, dominant term, every engine worker's transport) and
+``layouts`` (both trainer layouts' step times and fit). ``--compare-modes``: wall-clock per 1,000 finished
 responses of PPO and both T-PPO modes (:mod:`megatron_tppo.planning.projection`).
 """
 from __future__ import annotations
@@ -19,8 +24,8 @@ import sys
 from typing import Optional
 
 from megatron_tppo.config import ConfigError, TPPOConfig
-from megatron_tppo.config_io import load_config
-from megatron_tppo.planning.hardware import GPU, Host, gpu_memory_gib
+from megatron_tppo.config_io import field_docs, load_config
+from megatron_tppo.planning.hardware import GPU, Host, Links, gpu_memory_gib
 from megatron_tppo.planning.plan import PlanError, fill_layout, make_plan
 
 
@@ -36,9 +41,14 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
                    help=f"host memory per node in GiB (default {Host.memory_gib:g})")
     p.add_argument("--object-store-gb", type=float, default=None,
                    help="Ray object store per node in GiB (default Ray's: 30%% of host memory, at most 200 GB)")
-    p.add_argument("--sync-gb-s", type=float, default=None,
-                   help="weight-sync bandwidth in GB/s for the step estimate (default: the GPU model's "
-                        "assumption for the chosen transport; put a measured number here)")
+    p.add_argument("--pcie-gb-s", type=float, default=Host.pcie_gb_s,
+                   help=f"host <-> GPU copy GB/s per GPU: turn swaps, host staging (default {Host.pcie_gb_s:g})")
+    docs = field_docs(Links)
+    for f in dataclasses.fields(Links):  # one flag per link of the sync model
+        what = " ".join(docs.get(f.name, "").split()).split(" (assumption")[0].split(". ")[0].rstrip(".")
+        p.add_argument("--" + f.name.replace("_", "-"), type=float, default=None, dest=f"link_{f.name}",
+                       metavar=f.name.rsplit("_", 2)[-1].upper() if f.name.endswith("_ms") else "GB_S",
+                       help=f"{what} (default {f.default}; planning/hardware.py Links)".replace("%", "%%"))
     p.add_argument("--json", action="store_true",
                    help="print the plan as JSON alone: placement, numbers, per-phase memory, host memory, start-up")
 
@@ -55,10 +65,12 @@ def run_plan(cfg: TPPOConfig, args: argparse.Namespace, out=None) -> int:
             overrides = fill_layout(cfg, args.nodes * args.gpus_per_node)
             cfg.validate()
         gpu = GPU(memory_gib=gpu_memory_gib(args.gpu_mem_gb))
-        if getattr(args, "sync_gb_s", None):
-            gpu = dataclasses.replace(gpu, sync_nccl_gb_s=args.sync_gb_s, sync_gloo_gb_s=args.sync_gb_s)
-        host = Host(memory_gib=args.host_mem_gb, object_store_gib=getattr(args, "object_store_gb", None))
-        plan = make_plan(cfg, args.nodes, args.gpus_per_node, gpu, prompt_tokens=args.prompt_tokens, host=host)
+        host = Host(memory_gib=args.host_mem_gb, object_store_gib=getattr(args, "object_store_gb", None),
+                    pcie_gb_s=getattr(args, "pcie_gb_s", None) or Host.pcie_gb_s)
+        links = Links(**{f.name: getattr(args, f"link_{f.name}") for f in dataclasses.fields(Links)
+                         if getattr(args, f"link_{f.name}", None) is not None})
+        plan = make_plan(cfg, args.nodes, args.gpus_per_node, gpu, prompt_tokens=args.prompt_tokens, host=host,
+                         links=links)
     except (PlanError, ConfigError) as err:
         print(f"plan refused: {err}", file=sys.stderr)
         return 3

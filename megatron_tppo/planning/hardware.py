@@ -1,11 +1,13 @@
 """The machines a plan is made for: one GPU's and one host's numbers, every one a named input.
 
 Each figure is an assumption or a vendor number (the docstring says which); ``plan`` takes the
-most consequential ones as flags and every one is a field a caller may replace.
+most consequential ones as flags and every one is a field a caller may replace. :class:`Links`
+holds what a weight sync crosses (``plan`` makes a flag of each of its fields).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 GiB = 2 ** 30
 
@@ -49,13 +51,6 @@ class GPU:
     """Assumed model-FLOPs utilization of training (forward + backward)."""
     decode_bw_efficiency: float = 0.70
     """Fraction of HBM bandwidth a decode iteration achieves."""
-    sync_nccl_gb_s: float = 25.0
-    """Weight sync over NCCL or CUDA IPC (GB/s of bf16 weights into every engine): an assumption
-    between the field's anchors for ~30B models (NeMo-RL 0.74-1.0 s, about 65 GB/s; verl about
-    4.4 s, about 14 GB/s)."""
-    sync_gloo_gb_s: float = 2.0
-    """Weight sync over gloo, host-staged: a TCP broadcast from each stage's sender."""
-
     @property
     def memory_bytes(self) -> float:
         return self.memory_gib * GiB
@@ -88,3 +83,40 @@ class Host:
         if self.object_store_gib is not None:
             return self.object_store_gib * GiB
         return min(0.3 * self.memory_gib * GiB, 200e9)
+
+
+@dataclass(frozen=True)
+class Links:
+    """The links a weight sync crosses, per GPU (defaults: HGX/DGX H100 nodes, NDR InfiniBand).
+
+    Every default is an assumption with its source; ``plan`` takes each as a flag
+    (``--nvlink-gb-s`` ...): put measured numbers there. :func:`megatron_tppo.planning.time_model.sync_estimate`
+    prices each term of a sync with them."""
+
+    nvlink_gb_s: float = 350.0
+    """NCCL bus bandwidth of an all-gather (and of a broadcast) inside one node over NVLink and
+    NVSwitch, GB/s (assumption: nccl-tests on 8x H100 SXM report about 450-480 GB/s busbw for
+    all-reduce, which NVLink SHARP helps, against NVLink 4's 450 GB/s per direction; all-gather is
+    taken lower)."""
+    hbm_copy_gb_s: float = 1300.0
+    """Device-to-device copy inside one GPU, GB/s of bytes copied (assumption: a copy reads and
+    writes every byte, so about 40% of HBM3's 3.35 TB/s on an H100 SXM; CUDA's bandwidthTest counts
+    both directions and reports twice this)."""
+    ib_gb_s: float = 40.0
+    """InfiniBand per GPU, GB/s, where a group crosses nodes (assumption: one 400 Gb/s NDR port per
+    GPU, 50 GB/s line rate, NCCL reaching about 80% of it)."""
+    ipc_bucket_ms: float = 2.0
+    """Fixed cost of one bucket handed to an engine worker as a CUDA IPC handle, ms: the handle's
+    export and open and the control message that carries it (assumption: a local RPC round trip
+    and a handle open are each of the order of a millisecond)."""
+    gloo_gb_s: float = 2.0
+    """One TCP hop of gloo between host buffers, GB/s (assumption: one TCP stream over the nodes'
+    front-end network or IPoIB; this development machine's loopback measured 0.36 GB/s for the
+    direct gloo path). gloo's broadcast is a binomial tree, not pipelined: a bucket crosses
+    ceil(log2(receivers + 1)) such hops one after another."""
+    nccl_broadcast_gb_s: Optional[float] = None
+    """An NCCL broadcast from a stage's sender to the engine workers (pipelined along a ring: its
+    slowest link), GB/s; None: ``ib_gb_s`` when the group spans nodes, else ``nvlink_gb_s``."""
+    sync_gb_s: Optional[float] = None
+    """A measured end-to-end sync rate (bf16 bytes of the policy per second), GB/s; when set it
+    replaces the model (benchmarks/weight_sync.py measures one)."""

@@ -22,10 +22,12 @@ every mode); the decode iteration ``t_iter`` follows from ``B``. For a response-
   is prefilled again from ``P + e_(j-1)`` (the sync resets vLLM's prefix cache). A row of context
   ``c`` costs ``c (k N + a c)`` FLOPs, ``k`` = 6 (training) or 2 (forward), ``a`` the causal
   attention term (the plan's formula). Per finished response: the policy trains on its pieces; the
-  critic computes values on its pieces and trains once on the finished response; they run on
-  disjoint GPUs at once (the plan's split), so training takes the slower of the two.
+  critic computes values on its pieces and trains once on the finished response. With
+  ``parallel.trainers=split`` they run on disjoint GPUs at once, so training takes the slower of
+  the two; with ``shared`` each runs on all the GPUs in turn, so training takes both.
 * Generation of a step: ``max(T / (E B), longest) * t_iter`` of decoding plus the step's
   prefill spread over the engines.
+* The sync and the trainers' turn swaps are the plan's, per step.
 * Wall-clock per 1,000 finished responses = ``1000 x step seconds / F``.
 
 Checked against the CPU benchmark (benchmarks/tppo_vs_ppo.py, the long-tailed task, W = L/4):
@@ -113,6 +115,11 @@ class StepCosts:
     """(lin, att) of the critic's training."""
     prefill: tuple[float, float] = (0.0, 0.0)
     """(lin, att) of one engine prefilling a row."""
+    trainers_shared: bool = False
+    """Policy and critic take turns on the same GPUs (``parallel.trainers=shared``): their
+    training adds up instead of overlapping."""
+    swap_s: float = 0.0
+    """The trainers' offloads and onloads per step (the plan's turn swaps)."""
 
 
 def row_s(c: float, cost: tuple[float, float]) -> float:
@@ -165,10 +172,11 @@ class ModeProjection:
     gen_s: float
     train_s: float
     sync_s: float
+    swap_s: float = 0.0
 
     @property
     def step_s(self) -> float:
-        return self.gen_s + self.train_s + self.sync_s
+        return self.gen_s + self.train_s + self.sync_s + self.swap_s
 
     @property
     def s_per_1000(self) -> float:
@@ -190,7 +198,8 @@ def project(mode: str, dist: Dist, slots: int, window: int, costs: StepCosts) ->
     pol, cri, pre = response_costs(mode, dist, window, costs)
     iters = max(tokens / (costs.engines * costs.running_per_engine), longest)
     gen = iters * costs.t_iter + finished * pre / costs.engines
-    return ModeProjection(mode, tokens, finished, gen, finished * max(pol, cri), costs.sync_s)
+    train = pol + cri if costs.trainers_shared else max(pol, cri)
+    return ModeProjection(mode, tokens, finished, gen, finished * train, costs.sync_s, costs.swap_s)
 
 
 # ------------------------------------------------------------------------- from the plan (CLI)
@@ -222,7 +231,7 @@ def costs_from_plan(cfg, nodes: int, dist: Dist, gpus_per_node: int = 8, window:
         c.rollout.window_tokens = window
     fill_layout(c, nodes * gpus_per_node)
     c.validate()
-    n = make_plan(c, nodes, gpus_per_node).numbers
+    n = make_plan(c, nodes, gpus_per_node, compare=False).numbers
     ctx = decode_context(dist, n["prompt_tokens"])
     slots = n["slots_per_engine"]
     batch = slots if resident else max(min(slots, n["kv_tokens_per_engine"] / ctx), 1.0)
@@ -231,7 +240,8 @@ def costs_from_plan(cfg, nodes: int, dist: Dist, gpus_per_node: int = 8, window:
     return StepCosts(t_iter, batch, c.rollout.num_engines, n["sync_s"], n["prompt_tokens"],
                      policy_train=(6 * n["params"] * n["policy_s_per_flop"], 3 * att * n["policy_s_per_flop"]),
                      critic_train=(6 * n["critic_params"] * n["critic_s_per_flop"], 3 * att * n["critic_s_per_flop"]),
-                     prefill=(2 * n["params"] * n["prefill_s_per_flop"], att * n["prefill_s_per_flop"]))
+                     prefill=(2 * n["params"] * n["prefill_s_per_flop"], att * n["prefill_s_per_flop"]),
+                     trainers_shared=bool(n["trainers_shared"]), swap_s=n["swap_s"])
 
 
 def compare_modes(cfg, nodes_list=(4, 8, 16), median: float | None = None, sigma: float = 1.0,
@@ -256,12 +266,13 @@ def format_comparison(cfg, rows, median: float | None = None, sigma: float = 1.0
     lines = [f"wall-clock per 1,000 finished responses (steady state; lengths lognormal median "
              f"{median or r.max_response_tokens / 8:.0f}, sigma {sigma:g}, capped at {r.max_response_tokens}: "
              f"mean {mean(dist):.0f}; window {r.window_tokens}; {r.num_slots} slots){title}",
-             f"{'nodes':>5} {'mode':<16}{'gen s':>9}{'train s':>9}{'sync s':>8}{'step s':>9}{'finished':>9}"
+             f"{'nodes':>5} {'mode':<16}{'gen s':>9}{'train s':>9}{'sync s':>8}{'swap s':>8}{'step s':>9}{'finished':>9}"
              f"{'s/1000':>9}{'vs PPO':>8}"]
     for nodes, projs in rows:
         base = projs[0].s_per_1000
         for p in projs:
-            lines.append(f"{nodes:>5} {p.mode:<16}{p.gen_s:>9.0f}{p.train_s:>9.0f}{p.sync_s:>8.1f}{p.step_s:>9.0f}"
+            lines.append(f"{nodes:>5} {p.mode:<16}{p.gen_s:>9.0f}{p.train_s:>9.0f}{p.sync_s:>8.1f}{p.swap_s:>8.1f}"
+                         f"{p.step_s:>9.0f}"
                          f"{p.finished_per_step:>9.0f}{p.s_per_1000:>9.0f}{base / p.s_per_1000:>7.2f}x")
     return "\n".join(lines)
 

@@ -89,9 +89,16 @@ def test_small_layout_fits_and_splits_time():
     assert n["kv_cache_gib"] == pytest.approx(kv / GiB)
     assert n["kv_tokens_per_engine"] == pytest.approx(kv / (2 * 16 * 2 * 128 * 2))
     assert n["gen_s"] > 0 and n["train_s"] > 0 and n["step_s"] == pytest.approx(n["gen_s"] + n["train_s"] + n["sync_s"])
-    # sync: one bf16 copy of the policy into the engines; not colocated on GPU -> NCCL at its assumed rate
-    assert n["sync_gb"] == pytest.approx(N * 2 / 1e9)
-    assert n["sync_s"] == pytest.approx(N * 2 / (H.GPU().sync_nccl_gb_s * 1e9))
+    assert n["swap_s"] == 0.0  # engines on their own GPUs: nothing offloads
+    # sync: one bf16 copy of the policy, S = 2N bytes; engines on GPUs of their own -> NCCL broadcast from
+    # the sender, all on one node: the sender gathers the other half of its TP2 stage over NVLink
+    # (350 GB/s), broadcasts S over NVLink, each TP2 worker copies its half into its weights (1300 GB/s)
+    s = 2 * N
+    assert n["sync_gb"] == pytest.approx(s / 1e9)
+    assert (pl.sync.route.path, pl.sync.route.transport) == ("broadcast", "nccl")
+    assert pl.sync.terms == pytest.approx({"tp_allgather": s / 2 / 350e9, "nccl_broadcast": s / 350e9,
+                                           "engine_copy": s / 2 / 1300e9})
+    assert n["sync_s"] == pytest.approx(s / 2 / 350e9 + s / 350e9 + s / 2 / 1300e9)
     text = "\n".join(pl.lines)
     assert "policy : TP2 x PP1 x DP1" in text and "vLLM   : 2 engine(s) x TP2" in text and "on their own GPUs" in text
 
@@ -200,3 +207,66 @@ def test_warns_when_the_kv_cache_cannot_hold_an_engines_slots_at_mean_context():
     assert len(loud.warnings) == 1 and "4096 slots at mean context 1184" in loud.warnings[0]
     assert f"{kv_tokens:.0f} tokens per engine" in loud.warnings[0]
     assert any(line.startswith("WARNING: vLLM KV cache") for line in loud.lines)
+
+
+def _shared_small(*over):
+    # one node of 4 GPUs: policy and critic TP2 x DP2 both on GPUs 0-3, two TP2 engines over them
+    return cfg("parallel.device=cuda", "parallel.trainers=shared", "parallel.policy.tensor_parallel=2",
+               "parallel.critic.tensor_parallel=2", "parallel.policy.data_parallel=2", "parallel.critic.data_parallel=2",
+               "parallel.policy.micro_batch_tokens=4096", "parallel.critic.micro_batch_tokens=4096",
+               "rollout.tensor_parallel=2", "rollout.num_engines=2", "rollout.colocate=true", *over)
+
+
+def test_shared_json_names_every_workers_transport_and_both_layouts():
+    js = P.make_plan(_shared_small(), nodes=1, gpus_per_node=4).to_json()
+    sync = js["sync"]
+    assert sync["route"]["path"] == "local" and sync["route"]["transport"] == "ipc"
+    # engine e's worker j on GPU 2e + j, which holds policy rank 2e + j; every one by ipc
+    assert sync["workers"] == [dict(engine=e, worker=j, node=0, gpu=2 * e + j, policy_rank=2 * e + j, transport="ipc",
+                                    path="local") for e in range(2) for j in range(2)]
+    # the terms by hand: S = 2N = 1.705 GB in ceil(S / 512 MiB) = 4 buckets of the default 512 MiB
+    s = 2 * N
+    assert sync["buckets"] == 4
+    assert sync["terms"] == pytest.approx({"tp_allgather": s / 2 / 350e9, "pack": s / 1300e9, "ipc_handoff": 4 * 2e-3,
+                                           "engine_copy": s / 2 / 1300e9})
+    assert sync["seconds"] == pytest.approx(sum(sync["terms"].values()))
+    assert sync["dominant"] == max(sync["terms"], key=sync["terms"].get)
+    lay = js["layouts"]
+    assert lay["config"] == "shared" and lay["other"] == "split"
+    # shared -> split: each model on half of the 4 GPUs, TP kept, the config's PP1: DP = 2 / 2 = 1
+    assert (lay["split"]["policy"], lay["split"]["critic"]) == ("TP2 PP1 DP1", "TP2 PP1 DP1")
+    assert "parallel.trainers=split" in lay["split"]["overrides"]
+    for name in ("shared", "split"):
+        x = lay[name]
+        assert x["fits"] and x["step_s"] == pytest.approx(x["gen_s"] + x["train_s"] + x["sync_s"] + x["swap_s"])
+    # shared trains one after the other, each on all 4 GPUs; split at once, each on 2
+    sh, sp = lay["shared"], lay["split"]
+    assert sh["train_s"] == pytest.approx(sh["policy_train_s"] + sh["critic_train_s"])
+    assert sp["train_s"] == pytest.approx(max(sp["policy_train_s"], sp["critic_train_s"]))
+    assert sp["policy_train_s"] == pytest.approx(2 * sh["policy_train_s"])
+    assert lay["faster"] == min(("shared", "split"), key=lambda k: lay[k]["step_s"])
+    assert lay["split"]["route"]["transport"] == "ipc" and lay["split"]["route"]["path"] == "broadcast"
+
+
+def test_text_names_the_sync_dominant_term_and_the_faster_layout():
+    text = "\n".join(P.make_plan(_shared_small(), nodes=1, gpus_per_node=4).lines)
+    assert "route local/ipc" in text and "; dominant: ipc_handoff (" in text  # 4 buckets x 2 ms: 8 ms, the largest
+    assert "trainer layouts side by side" in text and "is faster by" in text
+    assert "(one after the other)" in text and "(at once)" in text
+
+
+def test_split_derives_shared_pp1_first():
+    c = cfg("parallel.device=cuda", "parallel.policy.tensor_parallel=2", "parallel.critic.tensor_parallel=2",
+            "parallel.policy.pipeline_parallel=2", "parallel.critic.pipeline_parallel=2",
+            "rollout.tensor_parallel=2", "rollout.num_engines=4", "rollout.colocate=true")
+    other, tried = P.other_candidates(c)
+    # G = 4 + 4 GPUs; PP1: DP = 8 / 2 = 4; then the config's PP2: DP = 8 / 4 = 2
+    assert other == "shared"
+    assert [t[0][1:] for t in tried] == [
+        ["parallel.policy.pipeline_parallel=1", "parallel.critic.pipeline_parallel=1",
+         "parallel.policy.data_parallel=4", "parallel.critic.data_parallel=4"],
+        ["parallel.policy.pipeline_parallel=2", "parallel.critic.pipeline_parallel=2",
+         "parallel.policy.data_parallel=2", "parallel.critic.data_parallel=2"]]
+    # not colocated: no shared layout to compare
+    lay = P.make_plan(_gpu_layout(), nodes=1, gpus_per_node=8).layouts
+    assert lay["faster"] is None and "rollout.colocate" in lay["shared"]["error"]

@@ -161,3 +161,16 @@ def test_compare_modes_on_32b_recipe():
     b = costs_from_plan(cfg, 4, dist, window=cfg.rollout.max_response_tokens)
     assert (a.t_iter, a.running_per_engine) == pytest.approx((b.t_iter, b.running_per_engine))
     assert costs_from_plan(cfg, 4, dist, resident=True).running_per_engine >= a.running_per_engine
+
+
+def test_shared_trainers_add_up_and_the_swaps_count():
+    # window 2, no prompt; policy 1 s per context token, critic training 3 s (its value forward 1 s).
+    # Per finished response: policy (1 + (2 + 3)) / 2 = 3; critic values on the pieces (1 | 2 + 3)
+    # plus training on the finished response (3 x 1 | 3 x 3): (4 + 14) / 2 = 9. 4/3 finished per step.
+    split = project("tppo", DIST, 2, 2, costs(1.0, critic_train=(3.0, 0.0)))
+    shared = project("tppo", DIST, 2, 2, costs(1.0, critic_train=(3.0, 0.0), trainers_shared=True, swap_s=0.25))
+    assert split.train_s == pytest.approx(4 / 3 * max(3, 9))
+    assert shared.train_s == pytest.approx(4 / 3 * (3 + 9))
+    # generation 8/3 tokens at B=1 -> 8/3 iterations of 1 s; sync 0.5 s; swaps 0.25 s
+    assert shared.step_s == pytest.approx(8 / 3 + 16 + 0.5 + 0.25)
+    assert split.swap_s == 0.0
