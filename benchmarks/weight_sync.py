@@ -1,17 +1,21 @@
 """Weight sync end to end (gather, transfer, engine load): seconds, GB/s and memory per model size.
 
 For each model size and engine tensor-parallel size: a random Qwen2-style model (made offline),
-a real policy trainer (megatron-core on gloo) and a real vLLM engine started from other random
-weights, on a local Ray cluster. The paths, in the same run:
+a real policy trainer (megatron-core on gloo, TP ``--policy-tp``) and a real vLLM engine started
+from other random weights, colocated on the policy's GPUs, on a local Ray cluster. The paths, in
+the same run, on the same actors (:mod:`megatron_tppo.weight_route`):
 
-* ``direct`` (:class:`megatron_tppo.controller.weight_sync.WeightSync`): the policy's TP-rank-0
-  gathers tensor by tensor and broadcasts size-bounded buckets over the gloo transfer group
-  straight into the engine workers; the driver only orchestrates.
-* ``ipc`` (opt-in: ``--paths ... ipc``): the same with ``rollout.weight_transport=ipc``: the
-  buckets stay in the sender's shared memory and only their handles cross the group.
-* ``driver`` (the path before direct transfer groups): ``TrainerGroup.full_weights`` returns the whole stage
-  to the driver, ``RolloutGroup.load_weights`` puts it in the object store and each engine streams
-  it in (through its workers over a local group when it has worker processes).
+* ``local`` (``rollout.weight_transport=auto``: every engine worker's GPU holds a policy rank):
+  each policy rank TP-gathers the model bucket by bucket inside the trainer and hands each bucket
+  to the engine worker on its own GPU through shared memory (CUDA IPC on a GPU); only handles
+  cross the transfer groups.
+* ``direct`` (``rollout.weight_transport=gloo``, the broadcast route): the policy's TP-rank-0
+  gathers tensor by tensor and broadcasts size-bounded buckets over one gloo group straight into
+  every engine worker (host-staged on a GPU).
+* ``driver`` (the path before transfer groups): the whole stage is gathered and returned to the
+  driver, put in the object store, and each engine streams it in (through its workers over a local
+  group when it has worker processes). It lives only here: run on the actors through Ray's
+  ``__ray_call__`` with the two functions below.
 
 Reference: a memcpy of the same bytes in the driver process (the ceiling of any host transfer).
 Memory: the peak resident-set growth during a sync of the driver, of each sender (policy rank) and
@@ -19,8 +23,8 @@ of each receiver (the engine's process at TP=1, its worker processes at TP>1), f
 /proc/self/clear_refs + VmHWM; plus the direct path's own count of transfer buffers alive at once
 in a receiver. The driver must not grow with the model on the direct path.
 
-    .venv/bin/python benchmarks/weight_sync.py                            # all sizes up to ~1.1 GB, TP 1 and 2
-    .venv/bin/python benchmarks/weight_sync.py --sizes xs --engine-tp 1 2 --repeats 1   # a quick check
+    .venv/bin/python benchmarks/weight_sync.py                  # all sizes up to ~1.1 GB, policy TP2, engine TP2
+    .venv/bin/python benchmarks/weight_sync.py --sizes xs --repeats 1   # a quick check
 
 Prints a table and writes benchmarks/results/weight_sync.json; the library output of the workers
 (megatron-core, vLLM) goes to ``<run-dir>/logs/`` (:func:`megatron_tppo.console.start_run_logs`).
@@ -50,7 +54,7 @@ SIZES = {
 }
 
 
-def make_cfg(size: str, engine_tp: int, bucket_mb: int, extra: tuple = ()):
+def make_cfg(size: str, engine_tp: int, bucket_mb: int, extra: tuple = (), policy_tp: int = 2):
     from megatron_tppo.config_io import load_config
 
     layers, hidden, ffn, heads, groups, vocab = SIZES[size]
@@ -59,6 +63,7 @@ def make_cfg(size: str, engine_tp: int, bucket_mb: int, extra: tuple = ()):
         f"model.num_attention_heads={heads}", f"model.num_query_groups={groups}", f"model.vocab_size={vocab}",
         "model.max_position_embeddings=128", "model.tie_word_embeddings=false", "rollout.num_engines=1",
         f"rollout.tensor_parallel={engine_tp}", f"rollout.weight_sync_bucket_mb={bucket_mb}", "rollout.colocate=true",
+        f"parallel.policy.tensor_parallel={policy_tp}",
         "rollout.cpu_kv_cache_gb=1", *extra])
 
 
@@ -127,13 +132,46 @@ def check_engine(rollout, policy, seqs) -> float:
                for i, (g, s) in enumerate(zip(got, seqs)))
 
 
-def run_one(size: str, engine_tp: int, bucket_mb: int, repeats: int, paths: list[str], workdir: Path) -> list[dict]:
+def _stage_weights(worker, dtype: str) -> list:
+    """(Inside a policy rank) this stage's (megatron name, full tensor) on its TP-0 / DP-0 rank."""
+    from megatron_tppo.weights.gather import iter_full_params
+
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    full = iter_full_params(worker.engine.module, worker.engine.tp_group, dtype=dt)
+    keep = worker.info.tp_rank == 0 and worker.info.dp_rank == 0
+    return [(n, t.cpu()) for n, t in full] if keep else [None for _ in full]
+
+
+def _engine_load(worker, named: list, version: int, model_cfg, bucket_mb: int) -> dict:
+    """(Inside an engine actor) stream full megatron tensors into its engine in HF buckets."""
+    from megatron_tppo.weights.buckets import sync_weights
+
+    stats = sync_weights(worker.engine, iter(named), model_cfg, version, bucket_mb << 20)
+    return {"bytes": stats.bytes, "buckets": stats.buckets, "seconds": stats.seconds}
+
+
+def driver_sync(policy, rollout, cfg, version: int, bucket_mb: int) -> tuple[dict, float]:
+    """The driver path: (engine 0's load stats, gather seconds)."""
+    import ray
+
+    t0 = time.perf_counter()
+    parts = ray.get([w.__ray_call__.remote(_stage_weights, cfg.model.params_dtype) for w in policy.workers])
+    named = [x for part in parts for x in part if x is not None]
+    gather = time.perf_counter() - t0
+    ref = ray.put(named)
+    del named, parts
+    st = ray.get([w.__ray_call__.remote(_engine_load, ref, version, cfg.model, bucket_mb) for w in rollout.workers])
+    return st[0], gather
+
+
+def run_one(size: str, engine_tp: int, bucket_mb: int, repeats: int, paths: list[str], workdir: Path,
+            policy_tp: int = 2) -> list[dict]:
     from megatron_tppo.controller.groups import RolloutGroup, TrainerGroup
     from megatron_tppo.controller.ray_placement import PlacedCluster, plan_for_cluster
     from megatron_tppo.controller.weight_sync import WeightSync
     from megatron_tppo.weights.hf_config import save_random_hf_model
 
-    cfg = make_cfg(size, engine_tp, bucket_mb)
+    cfg = make_cfg(size, engine_tp, bucket_mb, policy_tp=policy_tp)
     policy_dir, engine_dir = workdir / f"{size}_policy", workdir / f"{size}_engine"
     for d, seed in ((policy_dir, 1), (engine_dir, 2)):
         if not (d / "config.json").exists():
@@ -153,11 +191,16 @@ def run_one(size: str, engine_tp: int, bucket_mb: int, repeats: int, paths: list
         policy.load_hf(str(policy_dir))
         seqs = [[(7 * i + j) % cfg.model.vocab_size for j in range(24)] for i in range(2)]
         version = 0
-        for path in [x for x in ("direct", "ipc") if x in paths]:
-            transport = ("rollout.weight_transport=ipc",) if path == "ipc" else ()
+        for path in [x for x in ("local", "direct") if x in paths]:
+            transport = ("rollout.weight_transport=gloo",) if path == "direct" else ()
             t0 = time.perf_counter()
-            sync = WeightSync(policy, rollout, make_cfg(size, engine_tp, bucket_mb, transport))
+            sync = WeightSync(policy, rollout, make_cfg(size, engine_tp, bucket_mb, transport, policy_tp),
+                              placement=plan)
             setup = time.perf_counter() - t0
+            want = "local" if path == "local" else "broadcast"
+            if sync.route.path != want:
+                raise SystemExit(f"path {path}: the route is {sync.route.describe()}, expected {want} (engine "
+                                 f"workers need a policy rank on their GPUs: --engine-tp <= --policy-tp)")
             try:
                 for r in range(repeats + 1):  # the first sync also plans the buckets: warm-up
                     version += 1
@@ -170,6 +213,7 @@ def run_one(size: str, engine_tp: int, bucket_mb: int, repeats: int, paths: list
                                      buckets=int(m["perf/weight_sync_buckets"]), seconds=m["perf/weight_sync_s"],
                                      gb_per_s=m["perf/weight_sync_gb_per_s"], gather_s=m["perf/weight_gather_s"],
                                      send_s=m["perf/weight_send_s"], load_s=m["perf/weight_load_s"],
+                                     wire_mb=m["perf/weight_sync_wire_mb"], policy_tp=policy_tp,
                                      receiver_buffers_mb=m["mem/weight_sync_receiver_buffers_mb"],
                                      setup_s=setup, engine_start_s=engine_start, **mem.as_dict()))
                 err = check_engine(rollout, policy, seqs)
@@ -182,13 +226,11 @@ def run_one(size: str, engine_tp: int, bucket_mb: int, repeats: int, paths: list
                 version += 1
                 with MemoryProbe(policy, rollout) as mem:
                     t0 = time.perf_counter()
-                    named = policy.full_weights(cfg.model.params_dtype)
-                    t1 = time.perf_counter()
-                    st = rollout.load_weights(named, version, cfg.model, bucket_mb)
-                    del named
+                    st, gather = driver_sync(policy, rollout, cfg, version, bucket_mb)
                     wall = time.perf_counter() - t0
-                rows.append(dict(size=size, engine_tp=engine_tp, path="driver", repeat=r, bytes=st["bytes"],
-                                 buckets=st["buckets"], seconds=wall, gb_per_s=st["bytes"] / wall / 1e9, gather_s=t1 - t0,
+                rows.append(dict(size=size, engine_tp=engine_tp, policy_tp=policy_tp, path="driver", repeat=r,
+                                 bytes=st["bytes"], buckets=st["buckets"], seconds=wall,
+                                 gb_per_s=st["bytes"] / wall / 1e9, gather_s=gather,
                                  load_s=st["seconds"], engine_start_s=engine_start, **mem.as_dict(),
                                  max_logprob_err=check_engine(rollout, policy, seqs)))
         model_bytes = max(r["bytes"] for r in rows)
@@ -222,14 +264,15 @@ def print_table(rows: list[dict]) -> None:
               f"{max(r['sender_growth_mb']):>10.1f}{max(r['receiver_growth_mb']):>9.1f}{recv_buf}"
               f"{r['max_logprob_err']:>9.1e}")
     print("driver+/sender+/recv+: peak resident-set growth during one sync (max over processes); recvbuf: most "
-          "transfer buffers a receiver held at once (direct path); |Δlogp|: vLLM vs megatron after the sync")
+          "transfer buffers a receiver held at once; |Δlogp|: vLLM vs megatron after the sync")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    p.add_argument("--engine-tp", nargs="+", type=int, default=[1, 2])
-    p.add_argument("--paths", nargs="+", default=["direct", "driver"], choices=["direct", "ipc", "driver"])
+    p.add_argument("--engine-tp", nargs="+", type=int, default=[2])
+    p.add_argument("--policy-tp", type=int, default=2)
+    p.add_argument("--paths", nargs="+", default=["local", "direct", "driver"], choices=["local", "direct", "driver"])
     p.add_argument("--bucket-mb", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--workdir", default=None, help="where the random models are written (default: a temp dir)")
@@ -248,7 +291,7 @@ def main() -> None:
             for size in a.sizes:
                 for tp in a.engine_tp:
                     print(f"[weight_sync] size {size}, engine TP={tp} ...", flush=True)
-                    rows += run_one(size, tp, a.bucket_mb, a.repeats, a.paths, Path(tmp))
+                    rows += run_one(size, tp, a.bucket_mb, a.repeats, a.paths, Path(tmp), a.policy_tp)
                 for d in Path(tmp).glob(f"{size}_*"):  # the models of this size are done
                     import shutil
 

@@ -96,10 +96,9 @@ def _parity_rank(layouts, m, hf_dir, checkpoint, tokens, out_dir, sync, device) 
         if sync:
             sender = StageSender(eng.module, eng.tp_group, tp, m, is_sender=info.tp_rank == 0 and info.dp_rank == 0,
                                  takes_part=info.dp_rank == 0, dtype=torch.float32)
-            where = sender.open("127.0.0.1", 0, sync["timeout_s"])
-            if where is not None:
-                _publish_port(out_dir, i, info.pp_rank, where[1])
-            sender.join(sync["backend"], sync["world_size"], sync["timeout_s"])
+            if sender.is_sender:
+                _publish_port(out_dir, i, info.pp_rank, sender.open("127.0.0.1", sync["timeout_s"])[1])
+                sender.join(sync["backend"], sync["world_size"], sync["timeout_s"], {}, f"stage {info.pp_rank}")
             sender.send(sync["bucket_bytes"])
             sender.close()
         dist.barrier()  # the next layout re-creates the model-parallel groups on every rank
@@ -131,9 +130,10 @@ def _vllm_logprobs(engine, layouts, tokens, sync, out_dir: str, ranks: "_Backgro
     out = {}
     for version, (tp, pp) in enumerate(layouts, start=1):
         ports = _published_ports(out_dir, version - 1, pp, ranks, sync["timeout_s"])
-        engine.join_weight_transfer([dict(backend=sync["backend"], host="127.0.0.1", port=port,
-                                          world_size=sync["world_size"], timeout_s=sync["timeout_s"])
-                                     for port in ports], rank_offset=1)
+        groups = [dict(backend=sync["backend"], host="127.0.0.1", port=port, world_size=sync["world_size"],
+                       timeout_s=sync["timeout_s"]) for port in ports]
+        engine.join_weight_transfer({r: [dict(g, rank=1 + r) for g in groups]
+                                     for r in range(sync["world_size"] - 1)})
         engine.receive_weights(version)
         engine.close_weight_transfer()
         out[(tp, pp)] = torch.tensor(engine.prompt_logprobs(tokens.tolist()))

@@ -14,7 +14,7 @@ and wall time. Exit 0 iff all passed. Parts, CUDA | CPU:
   ``receive``), bit-exact; receivers allocate nothing for mapped buckets; the sender's allocated
   memory back at baseline after release + ``ipc_collect``, device free memory after ``empty_cache``
   | the /dev/shm branch, no file left behind.
-- ``transfer_group``: ``TransferGroup`` beside a default group; NCCL at world 1, and what NCCL does
+- ``transfer_group``: ``weights.transports.TransferGroup`` beside a default group; NCCL at world 1, and what NCCL does
   with two ranks on one GPU (recorded, not judged) | gloo at world 1 and 2.
 - ``offload``: GPT + DDP + distributed optimizer, world 1, bf16 (1.2B | tiny): the controller's moves
   around a generation (``Colocation.enter`` over the schedule's ``updates -> sync -> generation ->

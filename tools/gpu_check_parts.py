@@ -48,7 +48,7 @@ def memory(device: str) -> dict:
     """Memory now: CUDA: the device's free/used (all processes) and this process's allocator; RSS."""
     import torch
 
-    from megatron_tppo.weights.transfer import rss_bytes
+    from megatron_tppo.weights.memprobe import rss_bytes
 
     if device != "cuda":
         return {"rss_bytes": rss_bytes()[0]}
@@ -133,10 +133,12 @@ def part_env(device: str, work: Path) -> dict:
 def _ipc_rank(rank: int, world: int, device: str, address: tuple, bucket_bytes: int) -> dict:
     import torch
 
-    from megatron_tppo.weights import ipc, transfer
+    from megatron_tppo.weights import ipc, transfer, transports
 
     require(device)
-    cuda, group = device == "cuda", transfer.TransferGroup.join("ipc", rank, world, address=address, timeout_s=60)
+    cuda = device == "cuda"
+    transport = transports.join("ipc", rank, world, address=address, timeout_s=60)
+    group = transport.group
     g = torch.Generator(device=device).manual_seed(1234)  # 3 buckets, the same in every process, uneven sizes
     data = [[(f"bucket{b}.t{i}", torch.randn(bucket_bytes // 3 // dt.itemsize - 7 * (i + b), generator=g,
                                              device=device).to(dt))
@@ -146,7 +148,7 @@ def _ipc_rank(rank: int, world: int, device: str, address: tuple, bucket_bytes: 
     base = memory(device)
     c = Checks()
     if rank == 0:
-        stats = transfer.send_buckets(group, data)
+        stats = transfer.send_buckets(transport, data)
         res = {"sent": stats.as_dict(), "baseline": base, "after_send": memory(device)}  # (blocks in IPC limbo)
         group.ack(0)  # the receivers dropped their views
         gc.collect()
@@ -165,8 +167,8 @@ def _ipc_rank(rank: int, world: int, device: str, address: tuple, bucket_bytes: 
         group.ack(0)  # the receivers measure after the sender's clean-up
     else:
         expected = {name: t for bucket in data for name, t in bucket}
-        stats, bad, seen, grow = transfer.TransferStats(), [], 0, 0
-        for name, view in transfer.receive(group, stats, torch.device("cuda", 0) if cuda else None):
+        stats, bad, seen, grow = transports.TransferStats(), [], 0, 0
+        for name, view in transfer.receive(transport, stats, torch.device("cuda", 0) if cuda else None):
             seen, want = seen + 1, expected[name]
             if view.dtype != want.dtype or view.shape != want.shape or not torch.equal(
                     view.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)):
@@ -185,7 +187,7 @@ def _ipc_rank(rank: int, world: int, device: str, address: tuple, bucket_bytes: 
 
 
 def part_ipc(device: str, work: Path) -> dict:
-    from megatron_tppo.weights.transfer import open_store
+    from megatron_tppo.weights.transports import open_store
 
     c, bucket, store = Checks(), 256 * MiB if device == "cuda" else 4 * MiB, open_store("127.0.0.1", 0, timeout_s=60)
     ranks, err = run_ranks(_ipc_rank, 4, (device, ("127.0.0.1", store.port), bucket), TIMEOUT_S["ipc"] - 15, work)
@@ -198,10 +200,11 @@ def part_ipc(device: str, work: Path) -> dict:
 def _group_rank(rank: int, world: int, device: str, address: tuple, backend: str) -> dict:
     import torch
 
-    from megatron_tppo.weights.transfer import TransferGroup
+    from megatron_tppo.weights.transports import join
 
     require(device)
-    group, joined_s = timed(TransferGroup.join, backend, rank, world, address=address, timeout_s=45)
+    transport, joined_s = timed(join, backend, rank, world, address=address, timeout_s=45)
+    group = transport.group
     want = torch.arange(MiB // 4, dtype=torch.int32, device=group.device)
     # NCCL makes its communicator at the first collective
     got, first_s = timed(group.broadcast, want.clone() if rank == 0 else torch.zeros_like(want))
@@ -215,7 +218,7 @@ def part_transfer_group(device: str, work: Path) -> dict:
     import torch
     import torch.distributed as dist
 
-    from megatron_tppo.weights.transfer import open_store
+    from megatron_tppo.weights.transports import open_store
 
     backend, c = ("nccl" if device == "cuda" else "gloo"), Checks()
     # world 1 in this process, beside a default group of the same backend (as beside megatron's)

@@ -112,10 +112,6 @@ class TrainerGroup:
     def wait_train(self, refs: list) -> dict:
         return _get(refs, f"{self.name}.train_step", who=self.who)[0]
 
-    def full_weights(self, dtype: Optional[str] = None) -> list:
-        """All pipeline stages' (megatron name, full tensor) pairs, in stage order."""
-        return [item for part in self._all("full_weights", dtype) for item in part if item is not None]
-
     def save(self, path: str, with_optimizer: bool = True) -> None:
         self.wait_save(self.save_async(path, with_optimizer))
 
@@ -218,12 +214,6 @@ class RolloutGroup:
                     pass
             raise
         return step.stats()
-
-    def load_weights(self, named: list, version: int, model_cfg, bucket_mb: int) -> dict:
-        """Push (megatron name, full tensor) pairs into every engine; returns engine 0's stats."""
-        ref = ray.put(named)
-        refs = [w.load_weights.remote(ref, version, model_cfg, bucket_mb) for w in self.workers]
-        return _get(refs, "rollout.load_weights", who=self.who)[0]
 
     def sleep(self, level: int = 2) -> None:
         """Every engine frees its GPU memory (level 2: weights and KV cache; the next sync reloads

@@ -1,21 +1,20 @@
 """Policy weights from the trainer ranks straight into the rollout engines; the driver only orchestrates.
 
-One transfer group per policy pipeline stage (:mod:`megatron_tppo.weights.transfer`): rank 0 is
-the stage's TP-rank-0 / DP-rank-0 trainer rank, ranks ``1 + e * tp + r`` are worker ``r`` of engine
-``e`` (every worker of every engine). The driver hands out addresses and ranks and starts the calls
-on both sides at once; no weight tensor and no object-store copy of one passes through it.
+The route comes from the one rule (:mod:`megatron_tppo.weight_route`), asked with where the
+engine workers really run (their nodes and GPUs, as they report them) on top of the placement:
 
-A sync: every engine calls ``receive_weights`` (one ``reload_weights`` fed by a generator over the
-stages' buckets, in stage order) while every policy rank calls ``send_weights`` (replica 0 gathers
-each stage's TP shards tensor by tensor; each stage's sender packs and broadcasts buckets). The
-engines then drop their prefix caches and stamp the version.
+- ``local``: every policy rank that has an engine worker on its GPU opens a group of two with it
+  (transport ipc); every policy rank assembles the whole model and hands it over bucket by bucket
+  (:class:`~megatron_tppo.weights.transfer.LocalSender`).
+- ``broadcast``: one group per pipeline stage: its sender (rank 0) and every worker of every
+  engine (ranks ``1 + e * tp + r``) (:class:`~megatron_tppo.weights.transfer.StageSender`).
 
-Transport (``rollout.weight_transport``): gloo on CPU; on GPU nccl, unless an engine worker shares a
-sender's GPU (colocated: NCCL allows one rank per GPU), where ``auto`` takes ipc (the senders'
-buffers shared in place, :mod:`megatron_tppo.weights.ipc`) when every engine worker runs on its
-senders' node and gloo staged through host memory otherwise; an explicit ``nccl`` there is a
-configuration error. An explicit ``ipc`` (also on CPU, through shared memory) with an engine worker
-on another node is refused.
+A sync (:meth:`WeightSync.sync`): every engine calls ``receive_weights`` (one ``reload_weights``
+fed by a generator over its groups' buckets) while every policy rank calls ``send_weights``; the
+engines then drop their prefix caches and stamp the version. No weight tensor and no object-store
+copy of one passes through the driver. Each group waits at most ``timeout_s`` for any bucket (the
+plan's projected sync times its margin); a bucket that does not get through raises on its sender,
+naming the receivers that are behind, and the driver's wait ends with that error.
 """
 from __future__ import annotations
 
@@ -25,92 +24,132 @@ from typing import Optional
 import ray
 
 from megatron_tppo.controller.groups import RolloutGroup, TrainerGroup, wait_all
-from megatron_tppo.weights.transfer import resolve_transport
+from megatron_tppo.weight_route import Route, TransportError, WorkerSite, choose
 
 
 class WeightSync:
-    """Orchestrates policy -> engine weight syncs over per-stage transfer groups.
+    """Builds the route's transfer groups (every engine worker and policy rank joins) and syncs.
 
     Args:
-        policy: the policy :class:`TrainerGroup` (its ``workers``, ``ranks``, ``who`` are used).
-        rollout: the :class:`RolloutGroup` (its ``workers``, ``who``).
-        cfg: the run's :class:`~megatron_tppo.config.TPPOConfig` (``rollout.weight_transport``,
-            ``rollout.weight_sync_bucket_mb``, ``rollout.tensor_parallel``, ``model.params_dtype``).
-        timeout_s: how long any rank waits for its peers in the transfer groups.
-    Builds and joins the groups in the constructor (every engine and policy rank takes part).
+        policy: the policy :class:`TrainerGroup`; rollout: the :class:`RolloutGroup`.
+        cfg: the run's config (``rollout.weight_transport``, ``rollout.weight_sync_bucket_mb``,
+            ``rollout.tensor_parallel``, ``model.params_dtype``).
+        placement: the run's :class:`~megatron_tppo.planning.layout.Placement` (which policy rank
+            and which engine worker share a GPU).
+        timeout_s: the longest any rank waits for a peer in a transfer group, per collective.
     """
 
-    def __init__(self, policy: TrainerGroup, rollout: RolloutGroup, cfg, timeout_s: float = 600.0):
-        self.policy, self.rollout, self.timeout_s = policy, rollout, timeout_s
+    def __init__(self, policy: TrainerGroup, rollout: RolloutGroup, cfg, *, placement, timeout_s: float = 600.0):
+        self.policy, self.rollout, self.timeout_s = policy, rollout, float(timeout_s)
         self.bucket_bytes = int(cfg.rollout.weight_sync_bucket_mb) << 20
         self.engine_tp = int(cfg.rollout.tensor_parallel)
-        self.world_size = 1 + len(rollout.workers) * self.engine_tp
-        self.requested = cfg.rollout.weight_transport
-        device = policy.ranks[0]["device"]
-        opened = self._policy_call("open_weight_transfer", cfg.model.params_dtype, timeout_s)
-        self.senders = sorted((o for o in opened if o is not None), key=lambda o: o["pp_rank"])
-        stages = {r["pp_rank"] for r in policy.ranks}
-        if [s["pp_rank"] for s in self.senders] != sorted(stages):
-            raise RuntimeError(f"weight sync: expected one sender per pipeline stage {sorted(stages)}, got {self.senders}")
-        self.backend = self._choose_backend(resolve_transport(self.requested, device))
-        groups = [dict(backend=self.backend, host=s["host"], port=s["port"], world_size=self.world_size,
-                       timeout_s=timeout_s) for s in self.senders]
-        refs = [w.join_weight_transfer.remote(self.backend, self.world_size, timeout_s) for w in policy.workers]
-        refs += [w.call.remote("join_weight_transfer", groups, 1 + e * self.engine_tp)
-                 for e, w in enumerate(rollout.workers)]
-        wait_all(refs, f"weight sync: joining {len(groups)} {self.backend} group(s)", who=policy.who + rollout.who,
-                 timeout=timeout_s + 60)
+        self.closed = True
+        self.route = self._route(cfg, placement)
+        plans = self._open_local(cfg, placement) if self.route.path == "local" else self._open_broadcast(cfg)
+        refs = [w.join_weight_transfer.remote(self.route.transport, 1 + len(self._receivers.get(r, {})),
+                                              self.timeout_s, self._receivers.get(r, {}))
+                for r, w in enumerate(policy.workers)]
+        refs += [w.call.remote("join_weight_transfer", plan) for w, plan in zip(rollout.workers, plans)]
+        wait_all(refs, f"weight sync: joining {len(self.senders)} {self.route.transport} group(s)",
+                 who=policy.who + rollout.who, timeout=self.timeout_s + 60)
         self.closed = False
 
-    def _policy_call(self, method: str, *args) -> list:
-        refs = [getattr(w, method).remote(*args) for w in self.policy.workers]
-        return wait_all(refs, f"weight sync: policy.{method}", who=self.policy.who, timeout=self.timeout_s)
+    # -- the route and its groups ------------------------------------------------------------------
 
-    def _choose_backend(self, backend: str) -> str:
-        """The transport built: :func:`resolve_transport`'s, checked against where the engine workers
-        run (GPU UUIDs: NCCL's one rank per GPU; nodes: ipc reaches only the sender's node)."""
-        if backend == "gloo":
-            return backend
+    def _route(self, cfg, placement) -> Route:
+        """The rule asked with the workers' real nodes and GPUs: a GPU pairing the placement promised
+        and the cluster does not keep is named here, before any group is built."""
         refs = [w.call.remote("weight_transfer_devices") for w in self.rollout.workers]
-        engines = wait_all(refs, "weight sync: engine devices", who=self.rollout.who, timeout=self.timeout_s)
-        away = [(s["pp_rank"], s.get("node"), e, d["rank"], d.get("node")) for s in self.senders
-                for e, devs in enumerate(engines) for d in devs if d.get("node") != s.get("node")]
-        if backend == "ipc":
-            if away:
-                stage, node, engine, rank, other = away[0]
-                raise ValueError(f"rollout.weight_transport=ipc: engine {engine} worker {rank} runs on node {other}, "
-                                 f"the pipeline stage {stage} sender on node {node} ({len(away)} such pair(s)); IPC "
-                                 f"handles open only on the sender's node. Use auto, gloo or nccl")
-            return backend
-        shared = [(s["pp_rank"], e, d["rank"]) for s in self.senders for e, devs in enumerate(engines) for d in devs
-                  if d["uuid"] is not None and d["uuid"] == s["uuid"]]
-        if not shared:
-            return backend
-        stage, engine, rank = shared[0]
-        msg = (f"engine {engine} worker {rank} shares its GPU with the pipeline stage {stage} sender "
-               f"({len(shared)} such pair(s)); NCCL allows one rank per GPU")
-        if self.requested == "nccl":
-            raise ValueError(f"rollout.weight_transport=nccl: {msg}. Use ipc, gloo (host-staged) or auto")
-        if not away:
-            print(f"[tppo] weight sync over ipc (CUDA IPC, buffers shared in place): {msg}", flush=True)
-            return "ipc"
-        print(f"[tppo] weight sync over gloo (host-staged): {msg}; ipc would need every engine worker on its "
-              f"senders' node ({len(away)} pair(s) are not)", flush=True)
-        return "gloo"
+        self.devices = wait_all(refs, "weight sync: engine devices", who=self.rollout.who, timeout=self.timeout_s)
+        where = wait_all([w.transfer_site.remote() for w in self.policy.workers], "weight sync: policy devices",
+                         who=self.policy.who, timeout=self.timeout_s)
+        lay = cfg.parallel.policy
+        stage_senders = [s * lay.tensor_parallel * lay.data_parallel for s in range(lay.pipeline_parallel)]
+        gpu_of = {r: a.gpus[0] for r, a in enumerate(placement.policy)}
+        planned = {(a.rank, w): g for a in placement.engines for w, g in enumerate(a.gpus)}
+        policy_on = {g: r for r, g in gpu_of.items()}
+
+        def same_gpu(rank: int, e: int, d: dict) -> bool:  # CUDA: by UUID; CPU: the placement's logical GPU
+            p = where[rank]
+            if p.get("node") != d.get("node"):
+                return False
+            return p["uuid"] == d["uuid"] if p.get("uuid") and d.get("uuid") else gpu_of[rank] == planned[(e, d["rank"])]
+
+        sites = []
+        for e, devs in enumerate(self.devices):
+            for d in devs:
+                rank = policy_on.get(planned[(e, d["rank"])])
+                if rank is not None and not same_gpu(rank, e, d):
+                    raise RuntimeError(f"weight sync: the placement puts engine {e} worker {d['rank']} on the GPU of "
+                                       f"policy rank {rank}, but they run on {d.get('node')}/{d.get('uuid')} and "
+                                       f"{where[rank]['node']}/{where[rank]['uuid']}")
+                sites.append(WorkerSite(e, d["rank"], rank, all(d.get("node") == where[s]["node"] for s in stage_senders),
+                                        any(same_gpu(s, e, d) for s in stage_senders)))
+        try:
+            route = choose(cfg.rollout.weight_transport, where[0]["device"], cfg.rollout.colocate, sites)
+        except TransportError as err:
+            raise ValueError(f"rollout.weight_transport={cfg.rollout.weight_transport}: {err}") from None
+        print(f"[tppo] weight sync: {route.describe()}", flush=True)
+        return route
+
+    def _open_local(self, cfg, placement) -> list[dict]:
+        """Every policy rank with an engine worker on its GPU opens a group of two with it."""
+        worker_on = {a_gpu: (a.rank, w) for a in placement.engines for w, a_gpu in enumerate(a.gpus)}
+        receiver = {a.rank: worker_on.get(a.gpus[0]) for a in placement.policy}
+        refs = [w.open_weight_transfer.remote("local", cfg.model.params_dtype, self.timeout_s,
+                                              receiver[r] is not None) for r, w in enumerate(self.policy.workers)]
+        self.opened = wait_all(refs, "weight sync: policy.open_weight_transfer", who=self.policy.who,
+                               timeout=self.timeout_s)
+        self.senders = [o for o in self.opened if o is not None]
+        plans = [{} for _ in self.rollout.workers]
+        for o in self.senders:
+            engine, worker = receiver[o["rank"]]
+            plans[engine][worker] = [dict(backend="ipc", host=o["host"], port=o["port"], world_size=2,
+                                          timeout_s=self.timeout_s, rank=1)]
+        self._receivers = {o["rank"]: {1: "engine {} worker {}".format(*receiver[o["rank"]])} for o in self.senders}
+        return plans
+
+    def _open_broadcast(self, cfg) -> list[dict]:
+        """One group per stage: the stage's sender and every engine worker."""
+        refs = [w.open_weight_transfer.remote("broadcast", cfg.model.params_dtype, self.timeout_s)
+                for w in self.policy.workers]
+        self.opened = wait_all(refs, "weight sync: policy.open_weight_transfer", who=self.policy.who,
+                               timeout=self.timeout_s)
+        self.senders = sorted((o for o in self.opened if o is not None), key=lambda o: o["pp_rank"])
+        world = 1 + len(self.rollout.workers) * self.engine_tp
+        names = {1 + e * self.engine_tp + r: f"engine {e} worker {r}"
+                 for e in range(len(self.rollout.workers)) for r in range(self.engine_tp)}
+        self._receivers = {o["rank"]: names for o in self.senders}
+        groups = [dict(backend=self.route.transport, host=s["host"], port=s["port"], world_size=world,
+                       timeout_s=self.timeout_s) for s in self.senders]
+        return [{r: [dict(g, rank=1 + e * self.engine_tp + r) for g in groups] for r in range(self.engine_tp)}
+                for e in range(len(self.rollout.workers))]
+
+    @property
+    def backend(self) -> str:
+        return self.route.transport
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of one transfer group (the sender and its receivers)."""
+        return 1 + len(next(iter(self._receivers.values())))
+
+    # -- a sync ------------------------------------------------------------------------------------
 
     def sync(self, version: int) -> dict:
         """Send the policy's current weights to every engine and stamp them ``version``.
 
-        Returns metrics: perf/weight_sync_s (wall), perf/weight_sync_gb (one model copy, as sent),
-        perf/weight_sync_gb_per_s, perf/weight_sync_buckets (all stages), perf/weight_sync_wire_mb
-        (what the senders put on the wire: about the model for gloo/nccl, only handles for ipc), perf/weight_gather_s
-        (slowest sender's TP gather), perf/weight_send_s (slowest sender inside its collectives,
-        waiting included), perf/weight_load_s (slowest engine worker outside the collectives: vLLM's
-        layer processing), mem/weight_sync_sender_growth_mb and mem/weight_sync_receiver_growth_mb
+        Returns metrics: perf/weight_sync_s (wall), perf/weight_sync_gb (one model copy, as one
+        engine worker receives it), perf/weight_sync_gb_per_s, perf/weight_sync_buckets (into one
+        worker), perf/weight_sync_wire_mb (what the senders put on their groups' wire: about the
+        model per group for gloo/nccl, only handles for ipc), perf/weight_gather_s (slowest
+        rank's TP gather), perf/weight_relay_s (local: slowest rank's pipeline-stage broadcasts),
+        perf/weight_send_s (slowest sender inside its group's collectives, waiting included),
+        perf/weight_load_s (slowest engine worker outside the collectives: vLLM's layer
+        processing), mem/weight_sync_sender_growth_mb and mem/weight_sync_receiver_growth_mb
         (largest peak growth of a sender's / an engine worker's memory during the sync: resident
-        set on CPU, tracked CUDA allocations on GPU; on CPU the resident set also moves with the
-        allocator's reuse of freed memory), mem/weight_sync_receiver_buffers_mb (most transfer
-        buffers an engine worker held at once: 2-3 buckets, see megatron_tppo.weights.transfer).
+        set on CPU, tracked CUDA allocations on GPU), mem/weight_sync_receiver_buffers_mb (most
+        transfer buffers an engine worker held at once: 2-3 buckets).
         """
         if self.closed:
             raise RuntimeError("WeightSync.sync after close()")
@@ -121,17 +160,19 @@ class WeightSync:
                        timeout=self.timeout_s + 60)
         wall = time.perf_counter() - t0
         sent, got = out[:len(send)], out[len(send):]
-        senders = [s for s in sent if s.get("role") == "sender"]
+        senders = [s for s in sent if s.get("role") in ("sender", "local")]
+        busy = [s for s in sent if s.get("role") != "idle"]
         workers = [w for engine in got for w in engine["workers"]]
-        nbytes = sum(s["bytes"] for s in senders)
+        nbytes = max(w["bytes"] for w in workers)
         return {
             "perf/weight_sync_s": wall,
             "perf/weight_sync_gb": nbytes / 1e9,
             "perf/weight_sync_gb_per_s": nbytes / 1e9 / max(wall, 1e-9),
-            "perf/weight_sync_buckets": float(sum(s["buckets"] for s in senders)),
+            "perf/weight_sync_buckets": float(max(w["buckets"] for w in workers)),
             "perf/weight_sync_wire_mb": sum(s.get("wire_bytes", 0) for s in senders) / 2**20,
             "perf/weight_sync_max_bucket_mb": max(s["max_bucket_bytes"] for s in senders) / 2**20,
-            "perf/weight_gather_s": max(s["gather_s"] for s in senders),
+            "perf/weight_gather_s": max(s["gather_s"] for s in busy),
+            "perf/weight_relay_s": max(s.get("relay_s", 0.0) for s in busy),
             "perf/weight_send_s": max(s["wire_s"] for s in senders),
             "perf/weight_load_s": max(w["load_s"] for w in workers),
             "mem/weight_sync_sender_growth_mb": max(_growth(s) for s in senders) / 2**20,
@@ -150,7 +191,6 @@ class WeightSync:
             ray.get(refs, timeout=60)
         except Exception:  # noqa: BLE001 - on the way out; a dead actor has nothing left to close
             pass
-
 
     shutdown = close  # the driver stops everything it started with shutdown()
 

@@ -99,47 +99,57 @@ class TrainerWorker:
         return self.engine.train_step(local, loss_fn, global_num_tokens, with_entropy=with_entropy,
                                       temperature=temperature)
 
-    def full_weights(self, dtype: Optional[str] = None) -> list[tuple[str, torch.Tensor]]:
-        """This pipeline stage's weights as (global megatron name, full tensor); non-empty on the
-        tp=0, dp=0 rank of each stage. Every rank must be called (the TP gather is collective).
-        """
-        from megatron_tppo.weights.gather import iter_full_params
-
-        dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype or "", None)
-        full = iter_full_params(self.engine.module, self.engine.tp_group, dtype=dt)
-        keep = self.info.tp_rank == 0 and self.info.dp_rank == 0
-        return [(n, t.cpu()) for n, t in full] if keep else [None for _ in full]
-
     # -- weights straight to the engines (megatron_tppo.controller.weight_sync) -------------------
 
-    def open_weight_transfer(self, dtype: Optional[str] = None, timeout_s: float = 600.0) -> Optional[dict]:
-        """Prepare this rank's part in sending its pipeline stage (every rank is called). The stage's
-        sender (tp=0, dp=0) opens the group's rendezvous and returns ``{"pp_rank", "host", "port",
-        "uuid", "node"}`` (its GPU's UUID, None on CPU; its Ray node id); every other rank returns None."""
+    def open_weight_transfer(self, path: str, dtype: Optional[str] = None, timeout_s: float = 600.0,
+                             has_receiver: bool = False) -> Optional[dict]:
+        """Prepare this rank's part in a sync over ``path`` (megatron_tppo.weight_route; every rank
+        is called). A rank that sends (broadcast: its stage's TP-rank-0 rank of DP replica 0;
+        local: ``has_receiver``, an engine worker sits on its GPU) opens its group's rendezvous and
+        returns ``{"rank", "pp_rank", "host", "port", "uuid", "node"}`` (its GPU's UUID, None on CPU;
+        its Ray node id); every other rank returns None."""
         import ray
 
         from megatron_tppo.weights.ipc import this_node
-        from megatron_tppo.weights.transfer import StageSender
+        from megatron_tppo.weights.transfer import LocalSender, StageSender
 
         dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype or "", None)
         self.close_weight_transfer()
-        replica0 = self.info.dp_rank == 0
-        self.sender = StageSender(self.engine.module, self.engine.tp_group, self.info.tp, self.model_cfg,
-                                  is_sender=replica0 and self.info.tp_rank == 0, takes_part=replica0, dtype=dt)
-        address = self.sender.open(ray.util.get_node_ip_address(), timeout_s=timeout_s)
-        if address is None:
+        e, i = self.engine, self.info
+        if path == "local":
+            self.sender = LocalSender(e.module, e.tp_group, e.pp_group, i.tp, self.model_cfg, has_receiver=has_receiver,
+                                      dtype=dt)
+            sends = has_receiver
+        else:
+            replica0 = i.dp_rank == 0
+            sends = replica0 and i.tp_rank == 0
+            self.sender = StageSender(e.module, e.tp_group, i.tp, self.model_cfg, is_sender=sends,
+                                      takes_part=replica0, dtype=dt)
+        if not sends:
             return None
-        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid) if self.info.device == "cuda" else None
-        return {"pp_rank": self.info.pp_rank, "host": address[0], "port": address[1], "uuid": uuid,
-                "node": this_node()}
+        host, port = self.sender.open(ray.util.get_node_ip_address(), timeout_s=timeout_s)
+        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid) if i.device == "cuda" else None
+        return {"rank": self.rank, "pp_rank": i.pp_rank, "host": host, "port": port, "uuid": uuid, "node": this_node()}
 
-    def join_weight_transfer(self, backend: str, world_size: int, timeout_s: float = 600.0) -> None:
-        """The sender joins its stage's group (blocks until every engine worker joined); others return."""
-        self.sender.join(backend, world_size, timeout_s)
+    def transfer_site(self) -> dict:
+        """Where this rank runs, for the weights' route: rank, device, GPU UUID (None on CPU), node."""
+        from megatron_tppo.weights.ipc import this_node
+
+        cuda = self.info.device == "cuda"
+        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid) if cuda else None
+        return {"rank": self.rank, "device": self.info.device, "uuid": uuid, "node": this_node()}
+
+    def join_weight_transfer(self, backend: str, world_size: int, timeout_s: float, names: dict) -> None:
+        """A sending rank joins its group (blocks until its receivers joined); others return.
+        ``names``: receiver rank -> who it is (engine and worker), for stall errors."""
+        if self.sender is not None and self.sender.store is not None:
+            stage = f"policy rank {self.rank}, pipeline stage {self.info.pp_rank}"
+            self.sender.join(backend, world_size, timeout_s, names, stage)
 
     def send_weights(self, bucket_bytes: int) -> dict:
-        """One sync: replica 0's ranks gather the stage tensor by tensor, its sender broadcasts buckets."""
-        return {**self.sender.send(bucket_bytes), "pp_rank": self.info.pp_rank, "tp_rank": self.info.tp_rank}
+        """One sync: this rank's part (gather, relay, send; see megatron_tppo.weights.transfer)."""
+        return {**self.sender.send(bucket_bytes), "rank": self.rank, "pp_rank": self.info.pp_rank,
+                "tp_rank": self.info.tp_rank}
 
     def close_weight_transfer(self) -> None:
         sender = getattr(self, "sender", None)
@@ -149,7 +159,7 @@ class TrainerWorker:
 
     def memory(self, reset: bool = False) -> dict:
         """This process's resident set: current and peak bytes (peak since the last ``reset=True``)."""
-        from megatron_tppo.weights.transfer import reset_peak_rss, rss_bytes
+        from megatron_tppo.weights.memprobe import reset_peak_rss, rss_bytes
 
         cur, peak = rss_bytes()
         if reset:
@@ -230,20 +240,13 @@ class RolloutWorker:
     def generate(self, prompts, max_tokens, sampling, n: int = 1):
         return self.engine.generate(prompts, max_tokens, sampling, n)
 
-    def load_weights(self, named: list, version: int, model_cfg, bucket_mb: int) -> dict:
-        """Stream full megatron tensors into the engine in size-bounded buckets of HF tensors."""
-        from megatron_tppo.weights.buckets import sync_weights
-
-        stats = sync_weights(self.engine, iter(named), model_cfg, version, bucket_mb << 20)
-        return {"bytes": stats.bytes, "buckets": stats.buckets, "seconds": stats.seconds}
-
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return getattr(self.engine, method)(*args, **kwargs)
 
     def memory(self, reset: bool = False) -> dict:
         """Resident set (current, peak since the last ``reset=True``) of this actor and, for an
         engine with worker processes, of each worker (``"workers"``)."""
-        from megatron_tppo.weights.transfer import reset_peak_rss, rss_bytes
+        from megatron_tppo.weights.memprobe import reset_peak_rss, rss_bytes
 
         workers = self.engine.worker_memory(reset) if getattr(self.engine, "remote_workers", False) else []
         cur, peak = rss_bytes()

@@ -169,11 +169,11 @@ class RolloutEngine(abc.ABC):
         return {"asleep": [], "no_weights": None}
 
     # Weights straight from the trainers (megatron_tppo.controller.weight_sync): a backend that
-    # supports it joins one transfer group per policy pipeline stage and receives every sync there.
+    # supports it joins the transfer groups its workers receive from and takes every sync there.
 
-    def join_weight_transfer(self, groups: list[dict], rank_offset: int) -> list[dict]:
-        """Join the per-stage transfer groups (``{"backend", "host", "port", "world_size",
-        "timeout_s"}`` each); this engine's workers take ranks ``rank_offset, rank_offset + 1, ...``."""
+    def join_weight_transfer(self, plan: dict) -> list[dict]:
+        """Join the transfer groups: ``plan`` maps each worker rank of this engine to its groups
+        (``{"backend", "host", "port", "world_size", "timeout_s", "rank"}`` each, in arrival order)."""
         raise TypeError(f"{type(self).__name__} cannot receive weights from a transfer group")
 
     def receive_weights(self, version: int) -> dict:

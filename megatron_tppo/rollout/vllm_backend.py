@@ -344,26 +344,27 @@ class VLLMEngine(RolloutEngine):
     def _load_through_local_group(self, weights, bucket_bytes: int, timeout_s: float = 300.0) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        from megatron_tppo.weights.transfer import TransferGroup, open_store, send_buckets
+        from megatron_tppo.weights.transfer import send_buckets
+        from megatron_tppo.weights.transports import join, open_store
 
         store = open_store("127.0.0.1", timeout_s=timeout_s)
         spec = dict(backend="gloo", host="127.0.0.1", port=store.port, world_size=1 + self.tensor_parallel,
                     timeout_s=timeout_s)
+        plan = {r: [dict(spec, rank=1 + r)] for r in range(self.tensor_parallel)}
         with ThreadPoolExecutor(1) as pool:  # the workers block in the group while this thread sends
-            joined = pool.submit(self.llm.collective_rpc, "tppo_join_transfer",
-                                 kwargs=dict(key="local", groups=[spec], rank_offset=1))
-            group = TransferGroup.join("gloo", 0, spec["world_size"], store=store, timeout_s=timeout_s)
+            joined = pool.submit(self.llm.collective_rpc, "tppo_join_transfer", kwargs=dict(key="local", plan=plan))
+            transport = join("gloo", 0, spec["world_size"], store=store, timeout_s=timeout_s)
             joined.result()
             try:
                 got = pool.submit(self.llm.collective_rpc, "tppo_receive_weights",
                                   kwargs=dict(key="local", tied=self.tied_embeddings))
                 tied = self.tied_embeddings  # the workers feed the embedding to lm_head themselves
-                send_buckets(group, _greedy_buckets(((n, t) for n, t in weights if not (tied and n == "lm_head.weight")),
-                                                    bucket_bytes))
+                send_buckets(transport, _greedy_buckets(((n, t) for n, t in weights
+                                                         if not (tied and n == "lm_head.weight")), bucket_bytes))
                 got.result()
             finally:
                 self.llm.collective_rpc("tppo_close_transfer", kwargs=dict(key="local"))
-                group.close()
+                transport.close()
 
     def weight_transfer_devices(self) -> list[dict]:
         """Per worker: rank, device, GPU UUID (None on CPU), pid, node (this engine actor's: its
@@ -373,14 +374,10 @@ class VLLMEngine(RolloutEngine):
         node = this_node()
         return [{**d, "node": node} for d in self.llm.collective_rpc("tppo_device")]
 
-    def join_weight_transfer(self, groups: list[dict], rank_offset: int) -> list[dict]:
-        """Every worker joins one transfer group per policy pipeline stage (blocks until all did).
-
-        ``groups``: ``{"backend", "host", "port", "world_size", "timeout_s"}`` per stage (stage
-        order); worker ``r`` is rank ``rank_offset + r`` in each.
-        """
-        return self.llm.collective_rpc("tppo_join_transfer", kwargs=dict(key="sync", groups=groups,
-                                                                         rank_offset=int(rank_offset)))
+    def join_weight_transfer(self, plan: dict) -> list[dict]:
+        """Every worker joins its transfer groups (blocks until all did): ``plan`` maps each worker
+        rank to its groups (``{"backend", "host", "port", "world_size", "timeout_s", "rank"}``)."""
+        return self.llm.collective_rpc("tppo_join_transfer", kwargs=dict(key="sync", plan=plan))
 
     def receive_weights(self, version: int) -> dict:
         """Receive a sync from the joined groups (the senders broadcast meanwhile); stamps ``version``.

@@ -7,7 +7,8 @@ Why a worker extension and not vLLM 0.32's weight-transfer engines
   ``finish_weight_update``, the same layer-wise reload as ``reload_weights`` below, so they gain
   nothing on the load side.
 * Their group holds ONE sender (rank 0, ``rank_offset=1`` for the workers) per engine instance and
-  a worker holds one engine, while a pipeline-parallel policy has one sender per stage; and every
+  a worker holds one engine, while a pipeline-parallel policy has one sender per stage, and in the
+  local route each worker of an engine has a sender of its own (the policy rank on its GPU); every
   chunk is a separate ``update_weights`` RPC whose payload (names, dtypes, shapes) the trainer
   ships through the engine's control plane. Here a worker joins one group per stage and one
   ``collective_rpc`` per sync drains them all from a single lazy generator.
@@ -17,10 +18,10 @@ Why a worker extension and not vLLM 0.32's weight-transfer engines
 * ``update_weights`` ends with ``torch.accelerator.synchronize()`` and the worker must be started
   with a ``weight_transfer_config``; the extension needs neither.
 
-So each worker joins a standalone process group (:class:`~megatron_tppo.weights.transfer.TransferGroup`:
-gloo on CPU, NCCL on GPU, or ipc, where the worker maps the sender's buffers from the handles it
-receives (CUDA IPC on its own device, shared memory on CPU); from the sender's TCPStore; vLLM's
-own groups untouched) and feeds ONE
+So each worker joins standalone process groups (:mod:`megatron_tppo.weights.transports`: gloo,
+NCCL, or ipc, where the worker maps the sender's buffers from the handles it receives, CUDA IPC on
+its own device, shared memory on CPU; from the sender's TCPStore; vLLM's own groups untouched)
+and feeds ONE
 generator that receives bucket after bucket into ``reload_weights(weights_iterator=...,
 is_checkpoint_format=True)``: vLLM re-runs its per-layer processing (the oneDNN packing on CPU,
 quantization on GPU) as each layer completes, so memory grows by about one bucket.
@@ -44,29 +45,33 @@ class WeightReceiverExtension:
         uuid = str(torch.cuda.get_device_properties(dev).uuid) if dev.type == "cuda" else None
         return {"rank": int(self.rank), "device": str(dev), "uuid": uuid, "pid": os.getpid()}
 
-    def tppo_join_transfer(self, key: str, groups: list[dict], rank_offset: int) -> dict:
-        """Join one transfer group per pipeline stage as rank ``rank_offset + worker rank``.
+    def tppo_join_transfer(self, key: str, plan: dict) -> dict:
+        """Join this worker's transfer groups, in the order their buckets arrive.
 
-        ``groups``: ``{"backend", "host", "port", "world_size", "timeout_s"}`` per stage, in stage
-        order. Blocks until every rank of each group joined. ``key`` names the set (a run's sync
-        and an engine-local reload each keep their own).
+        ``plan``: worker rank -> its groups, each ``{"backend", "host", "port", "world_size",
+        "timeout_s", "rank"}`` (the broadcast route: one group per pipeline stage, the same for
+        every worker of the engine but its rank; the local route: one group with the policy rank
+        on this worker's GPU). Blocks until every rank of each group joined. ``key`` names the set
+        (a run's sync and an engine-local reload each keep their own).
         """
-        from megatron_tppo.weights.transfer import TransferGroup
+        from megatron_tppo.weights.transports import join
 
         self.tppo_close_transfer(key)
-        rank = int(rank_offset) + int(self.rank)
-        joined = [TransferGroup.join(g["backend"], rank, int(g["world_size"]), address=(g["host"], int(g["port"])),
-                                     timeout_s=float(g["timeout_s"])) for g in groups]
+        mine = plan[int(self.rank)] if int(self.rank) in plan else plan[str(int(self.rank))]
+        joined = [join(g["backend"], int(g["rank"]), int(g["world_size"]), address=(g["host"], int(g["port"])),
+                       timeout_s=float(g["timeout_s"])) for g in mine]
         self._tppo_groups = {**getattr(self, "_tppo_groups", {}), key: joined}
-        return {"rank": rank, "stages": len(joined)}
+        return {"ranks": [int(g["rank"]) for g in mine], "groups": len(joined)}
 
     def tppo_receive_weights(self, key: str, tied: bool) -> dict:
-        """Receive every stage's buckets (stage order) into the live model; returns what arrived.
+        """Receive every group's buckets (in order) into the live model; returns what arrived.
 
         ``tied``: the model ties lm_head to the embedding (see ``with_tied_lm_head``).
         """
         from megatron_tppo.rollout.vllm_common import with_tied_lm_head
-        from megatron_tppo.weights.transfer import PeakMemory, TransferStats, receive
+        from megatron_tppo.weights.memprobe import PeakMemory
+        from megatron_tppo.weights.transfer import receive
+        from megatron_tppo.weights.transports import TransferStats
 
         groups = getattr(self, "_tppo_groups", {}).get(key)
         if not groups:
@@ -75,7 +80,7 @@ class WeightReceiverExtension:
         dev = getattr(self, "device", torch.device("cpu"))
 
         def stream():
-            for g in groups:  # one lazy generator over all stages: one reload, layers as they come
+            for g in groups:  # one lazy generator over all groups: one reload, layers as they come
                 yield from receive(g, stats, device=dev)
 
         weights = with_tied_lm_head(stream()) if tied else stream()
@@ -88,7 +93,7 @@ class WeightReceiverExtension:
 
     def tppo_memory(self, reset: bool = False) -> dict:
         """This worker process's resident set (current, peak since the last ``reset=True``)."""
-        from megatron_tppo.weights.transfer import reset_peak_rss, rss_bytes
+        from megatron_tppo.weights.memprobe import reset_peak_rss, rss_bytes
 
         cur, peak = rss_bytes()
         if reset:

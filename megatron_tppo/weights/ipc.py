@@ -1,7 +1,8 @@
-"""The ``ipc`` weight transport: buckets stay where the sender packed them; handles travel.
+"""The ``ipc`` weight transport's memory: buckets stay where the sender packed them; handles travel.
 
-Same group, same buckets, same slot layout as gloo/nccl (:mod:`megatron_tppo.weights.transfer`);
-only what crosses the wire differs. Per bucket the sender (a stage's TP-rank-0 trainer rank):
+Same group, same buckets, same slot layout as gloo/nccl; only what crosses the wire differs
+(:class:`megatron_tppo.weights.transports.IpcTransport` moves the handles and acks; this module
+makes, exports, opens and releases the shared buffers). Per bucket the sender (a policy rank):
 
 1. packs the bucket into a flat buffer that other processes can map: on CUDA an ordinary CUDA
    allocation, on CPU a file of its own in ``/dev/shm`` mapped shared;
@@ -43,9 +44,10 @@ receiver's views do, measured on the receivers' side through the mapped storages
 (``peak_live_bytes``: 2-3 buckets, as for gloo). On CPU every receiver's views share the
 sender's pages, so a node holds those buckets once, not once per receiver.
 
-Who may use it: only processes on the sender's node (``WeightSync`` and the placement plan refuse
-``rollout.weight_transport=ipc`` otherwise). On CUDA the memory stays on the sender's GPU; a
-receiver on the same GPU reads it in place, one on another GPU of the node through peer access.
+Who may use it: only processes on the sender's node (the rule of :mod:`megatron_tppo.weight_route`
+refuses ``rollout.weight_transport=ipc`` otherwise). On CUDA the memory stays on the sender's GPU;
+a receiver on the same GPU (the ``local`` route: every engine worker from the policy rank on its
+own GPU) reads it in place, one on another GPU of the node through peer access.
 
 Supported only by reading upstream source, not run here (this machine has no GPU):
 - :func:`open_handle`'s CUDA branch overwrites ``args[6]`` (``storage_device`` of
@@ -69,9 +71,8 @@ import itertools
 import os
 import pickle
 import tempfile
-import time
 import weakref
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
@@ -144,46 +145,6 @@ def open_handle(handle: bytes, device: Optional[torch.device] = None) -> torch.T
     index = device.index if device is not None and device.type == "cuda" else None
     args[6] = torch.cuda.current_device() if index is None else index  # see the module doc
     return rebuild(*args)
-
-
-def send_bucket(group, slots, flat: torch.Tensor, stats) -> None:
-    """Sender: share ``flat`` with every receiver and wait until all of them mapped it."""
-    t0 = time.perf_counter()
-    receivers = group.world_size - 1
-    try:
-        group.broadcast_object((slots, flat.numel(), [export(flat) for _ in range(receivers)]))
-        opened = group.ack(0)
-    finally:
-        release(flat)
-    stats.wire_s += time.perf_counter() - t0
-    if opened != receivers:
-        raise RuntimeError(f"weight transfer (ipc): {receivers - opened} of {receivers} receiver(s) could not map "
-                           f"the bucket (a receiver on another node? rollout.weight_transport=ipc needs every "
-                           f"engine worker on its sender's node)")
-
-
-def receive(group, stats, device: Optional[torch.device]) -> Iterator[tuple]:
-    """Receiver: ``(slots, flat)`` per bucket, ``flat`` mapped from the sender's memory."""
-    while True:
-        t0 = time.perf_counter()
-        header = group.broadcast_object()
-        if header is None:
-            stats.wire_s += time.perf_counter() - t0
-            return
-        slots, size, handles = header
-        try:
-            flat, error = open_handle(handles[group.rank - 1], device), None
-        except Exception as e:  # noqa: BLE001 - reported to the sender through the ack, then raised
-            flat, error = None, e
-        group.ack(0 if error is not None else 1)
-        stats.wire_s += time.perf_counter() - t0
-        if error is not None:
-            raise RuntimeError(f"weight transfer (ipc): rank {group.rank} could not map the sender's bucket "
-                               f"(rollout.weight_transport=ipc works only on the sender's node): {error}") from error
-        if flat.numel() != size:
-            raise RuntimeError(f"weight transfer (ipc): mapped {flat.numel()} bytes, the header says {size}")
-        yield slots, flat
-        del flat
 
 
 def this_node() -> str:

@@ -6,11 +6,12 @@ import sys
 
 import torch
 
-from megatron_tppo.weights.transfer import TransferGroup, TransferStats, receive
+from megatron_tppo.weights.transfer import receive
+from megatron_tppo.weights.transports import TransferStats, join
 
 
 def main(host: str, port: str, rank: str, world: str, out: str) -> None:
-    group = TransferGroup.join("ipc", int(rank), int(world), address=(host, int(port)), timeout_s=60)
+    group = join("ipc", int(rank), int(world), address=(host, int(port)), timeout_s=60)
     stats = TransferStats()
     views = list(receive(group, stats))  # views into the sender's buffers, held past its release and unlink
     torch.save({"tensors": [(n, t.clone()) for n, t in views],

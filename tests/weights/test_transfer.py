@@ -1,6 +1,6 @@
 """The wire format of megatron_tppo.weights.transfer on a real 2-rank gloo group (two threads):
 planned buckets from meta shapes equal the real bucketing, a round trip is bit-exact, a stream
-that leaves the plan is refused, and transport names resolve as documented. The ipc transport
+that leaves the plan is refused, and a receiver that stalls is named in bounded time. The ipc transport
 runs between real processes (this one sending, two receivers of their own): bit-exact, through
 shared memory, with only handles on the wire."""
 from __future__ import annotations
@@ -17,8 +17,9 @@ from megatron_tppo.config import ModelConfig
 from megatron_tppo.weights import hf_mapping as hm
 from megatron_tppo.weights.buckets import hf_buckets
 from megatron_tppo.weights.hf_config import random_hf_model
-from megatron_tppo.weights.transfer import (
-    TransferGroup, TransferStats, open_store, plan_stage, receive, resolve_transport, send_buckets, send_planned)
+from megatron_tppo.weights.bucket_plan import plan_stage
+from megatron_tppo.weights.transfer import receive, send_buckets, send_planned
+from megatron_tppo.weights.transports import TransferStalled, TransferStats, join, open_store
 from tests.conftest import REPO
 
 M = ModelConfig(arch="qwen2", num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=2,
@@ -37,17 +38,17 @@ def pair(send):
     out = {}
 
     def sender():
-        g = TransferGroup.join("gloo", 0, 2, store=store, timeout_s=60)
+        g = join("gloo", 0, 2, store=store, timeout_s=60)
         try:
             out["result"] = send(g)
         except Exception as e:  # noqa: BLE001 - re-raised below
             out["error"] = e
-            g.broadcast_object(None)  # let the receiver finish
+            g.end()  # let the receiver finish
         g.close()
 
     t = threading.Thread(target=sender)
     t.start()
-    g = TransferGroup.join("gloo", 1, 2, address=("127.0.0.1", store.port), timeout_s=60)
+    g = join("gloo", 1, 2, address=("127.0.0.1", store.port), timeout_s=60)
     stats = TransferStats()
     got = [(n, x.clone()) for n, x in receive(g, stats)]
     t.join()
@@ -84,14 +85,45 @@ def test_send_buckets_mixed_dtypes():
     assert torch.equal(got[1][1], bucket[1][1]) and got[1][1].dtype == torch.bfloat16
 
 
-def test_resolve_transport():
-    assert resolve_transport("auto", "cpu") == "gloo" and resolve_transport("auto", "cuda") == "nccl"
-    assert resolve_transport("gloo", "cuda") == "gloo"
-    assert resolve_transport("ipc", "cuda") == "ipc" and resolve_transport("ipc", "cpu") == "ipc"
-    with pytest.raises(ValueError, match="needs CUDA"):
-        resolve_transport("nccl", "cpu")
-    with pytest.raises(ValueError, match="must be one of"):
-        resolve_transport("shm", "cpu")
+def test_a_stalled_receiver_is_named_within_the_timeout(megatron_sd):
+    """Two real receivers (threads in gloo groups); one joins and then never takes a bucket. The
+    sender's bucket must fail within the group's timeout, naming that receiver and the bucket."""
+    import time
+
+    plan = plan_stage([(n, t.shape, t.dtype) for n, t in megatron_sd.items()], M, 20_000)
+    store = open_store("127.0.0.1", timeout_s=30)
+    timeout = 4.0
+    names = {1: "engine 0 worker 0", 2: "engine 1 worker 0"}
+    joined, done = {}, threading.Event()
+
+    def receiver(rank: int, stall: bool):
+        g = join("ipc", rank, 3, address=("127.0.0.1", store.port), timeout_s=timeout)
+        joined[rank] = g
+        if stall:
+            done.wait(60)  # a receiver that stopped: joined, never takes a bucket
+        else:
+            try:
+                list(receive(g))
+            except RuntimeError:
+                pass  # its peer's failure ends the group for it too
+        g.close()
+
+    threads = [threading.Thread(target=receiver, args=(r, r == 2)) for r in (1, 2)]
+    for t in threads:
+        t.start()
+    sender = join("ipc", 0, 3, store=store, timeout_s=timeout, names=names, stage="stage 0")
+    t0 = time.perf_counter()
+    with pytest.raises(TransferStalled) as err:
+        send_planned(sender, iter(megatron_sd.items()), plan, M)
+    waited = time.perf_counter() - t0
+    done.set()
+    for t in threads:
+        t.join(timeout=30)
+    sender.close()
+    msg = str(err.value)
+    assert waited < 3 * timeout, waited
+    assert "engine 1 worker 0 (has not started)" in msg and "engine 0 worker 0" not in msg, msg
+    assert "bucket 0 did not get through within 4 s" in msg and "stage 0" in msg, msg
 
 
 def test_ipc_between_processes_is_exact_in_shared_memory_with_handles_on_the_wire(megatron_sd, tmp_path):
@@ -104,7 +136,7 @@ def test_ipc_between_processes_is_exact_in_shared_memory_with_handles_on_the_wir
     procs = [subprocess.Popen([sys.executable, "-m", "tests.weights._ipc_receiver", "127.0.0.1", str(store.port),
                                str(r), "3", str(out)], cwd=REPO, env=env) for r, out in zip((1, 2), outs)]
     try:
-        group = TransferGroup.join("ipc", 0, 3, store=store, timeout_s=60)
+        group = join("ipc", 0, 3, store=store, timeout_s=60)
         sent = send_planned(group, iter(megatron_sd.items()), plan, M)
         assert [p.wait(timeout=120) for p in procs] == [0, 0]
         group.close()
