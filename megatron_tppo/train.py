@@ -310,10 +310,8 @@ def run(cfg: TPPOConfig) -> dict:
         # which process is which (for py-spy, logs, and telling what died)
         (out / "actors.json").write_text(json.dumps(rollout.where + policy.where + critic.where, indent=1) + "\n")
 
-        sync = WeightSync(policy, rollout, cfg, timeout_s=waits.sync_s)  # per-stage transfer groups: trainer ranks -> engine workers
+        sync = WeightSync(policy, rollout, cfg, placement=plan, timeout_s=waits.sync_s)  # trainer ranks -> engine workers
         groups.append(sync)  # closed before the groups it spans
-        print(f"[tppo] weight sync: {len(sync.senders)} sender(s) -> {sync.world_size - 1} engine worker(s) "
-              f"over {sync.backend}", flush=True)
         loop = TPPOLoop(cfg, policy, critic, rollout, task, logger, weight_sync=sync, colocation=colocation)
         start = initialize(cfg, loop, model_dir)
         first = loop.evaluate() if task.eval_prompts and cfg.data.eval_every > 0 and start == 0 else {}
