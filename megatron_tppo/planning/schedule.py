@@ -4,7 +4,7 @@ One pure plan (no torch, ray or vLLM import), used twice:
 
 * :func:`phase_table` prices every phase on every GPU of a placement (:mod:`.layout`), item by
   item (weights, gradients, optimizer state, activation peak, KV cache, the CUDA/NCCL reserve),
-  from the memory model of :mod:`.memory`. A phase that exceeds a GPU is a :class:`MemoryPlanError`
+  from what each component holds in its state (:mod:`.occupancy`). A phase that exceeds a GPU is a :class:`MemoryPlanError`
   naming the phase, the GPU and its largest component. ``plan`` prints the table.
 * :func:`transition` says what to release and what to load when the run moves from one phase to
   another. :class:`megatron_tppo.controller.colocation.Colocation` applies exactly that, and
@@ -40,17 +40,25 @@ when the engines own their GPUs, so nothing moves):
     signal_updates   a stop signal after the updates: saved before the sync
     signal_warmup_updates  the same in a critic warm-up step (engines stay at level 1)
 
+Shared trainers (``parallel.trainers=shared``: a GPU holds a policy rank, a critic rank and an
+engine worker) take turns, so that a GPU never holds both trainers' state: a phase above where
+only the critic works (values, warmup_values, warmup_updates) keeps the policy ``offloaded``; a
+phase where both work becomes two, ``<name>@critic`` then ``<name>@policy`` (:data:`TURNS`), each
+with the other trainer offloaded (absent while it is not built yet: ``trainer_build@critic``).
+The critic goes first everywhere, so that after a step's updates the policy is the one resident,
+as the sync needs it.
+
 Release before load: a transition first offloads and puts engines to sleep, then onloads and
 wakes, so its peak is never above the larger of the two phases it joins.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass, field, replace
+from typing import Optional, Sequence
 
 from megatron_tppo.planning.hardware import GPU, GiB
-from megatron_tppo.planning.memory import (activation_bytes_per_token_layer, embedding_params, layer_params,
-                                           model_params, weight_bytes_per_param)
+from megatron_tppo.planning.memory import model_params
+from megatron_tppo.planning.occupancy import engine_items, offload_buffer_bytes, trainer_items
 
 TRAINER_STATES = ("absent", "resident", "params", "offloaded")
 ENGINE_STATES = ("absent", "awake", "weights", "asleep1", "asleep2")
@@ -92,6 +100,31 @@ COLOCATED = (
 )
 PHASE_NAMES = tuple(p.name for p in COLOCATED)
 
+TURNS = ("critic", "policy")
+"""The order of the trainers' turns in a phase both work in (shared trainers)."""
+
+
+def _take_turns(p: Phase) -> tuple[Phase, ...]:
+    """``p`` with shared trainers: the idle trainer offloaded, or one phase per turn (module docstring)."""
+    if p.policy != "resident" or p.critic != "resident":
+        return (p,)
+    if p.policy_work is None or p.critic_work is None:
+        idle = "policy" if p.policy_work is None else "critic"
+        return (replace(p, **{idle: "offloaded"}),)
+    out = []
+    for role in TURNS:
+        other = "policy" if role == "critic" else "critic"
+        idle = "absent" if getattr(p, f"{other}_work") == "build" and role == TURNS[0] else "offloaded"
+        out.append(replace(p, name=f"{p.name}@{role}", **{other: idle, f"{other}_work": None},
+                           doc=f"{p.doc}: the {role}'s turn"))
+    return tuple(out)
+
+
+SHARED = tuple(q for p in COLOCATED for q in _take_turns(p))
+"""Every phase with shared trainers, in :data:`COLOCATED`'s order."""
+TURN_PHASES = tuple(p.name for p in COLOCATED if len(_take_turns(p)) > 1)
+"""The phases that shared trainers take in turns."""
+
 STARTUP = ("engine_start", "trainer_build", "checkpoint_load", "first_sync", "generation")
 """A fresh run's first phases (``resume`` replaces ``checkpoint_load`` when a checkpoint loads)."""
 STEP = ("values", "updates", "sync", "generation")
@@ -103,9 +136,17 @@ class MemoryPlanError(ValueError):
     """A phase that does not fit a GPU, or a move the components cannot make."""
 
 
+def shared(cfg) -> bool:
+    """Do the trainers of ``cfg`` take turns on the same GPUs (``parallel.trainers=shared``)?"""
+    return cfg.parallel.trainers == "shared"
+
+
 def phases(cfg) -> tuple[Phase, ...]:
     """Every phase of ``cfg``'s run. Engines on their own GPUs (``rollout.colocate=false``) never
-    sleep and trainers never offload: every phase keeps all components as they are."""
+    sleep and trainers never offload: every phase keeps all components as they are. Shared
+    trainers (which need colocated engines) take turns: :data:`SHARED`."""
+    if shared(cfg):
+        return SHARED
     if cfg.rollout.colocate:
         return COLOCATED
     return tuple(p if p.name == "engine_start" else Phase(p.name, "awake", "resident", "resident", p.policy_work,
@@ -117,7 +158,23 @@ def phase(cfg, name: str) -> Phase:
     for p in phases(cfg):
         if p.name == name:
             return p
-    raise KeyError(f"unknown phase {name!r}; phases: {', '.join(PHASE_NAMES)}")
+    raise KeyError(f"unknown phase {name!r}; phases: {', '.join(p.name for p in phases(cfg))}")
+
+
+def turn_name(cfg, name: str, role: Optional[str]) -> str:
+    """The phase a trainer's turn in phase ``name`` is: ``<name>@<role>`` for shared trainers in a
+    phase of :data:`TURN_PHASES`, else ``name`` (split trainers work at once: one phase)."""
+    if not shared(cfg) or name not in TURN_PHASES:
+        return name
+    if role not in TURNS:
+        raise ValueError(f"phase {name} is taken in turns by shared trainers: say whose ({', '.join(TURNS)}), "
+                         f"got {role!r}")
+    return f"{name}@{role}"
+
+
+def base_name(name: str) -> str:
+    """The phase a turn belongs to: ``updates@critic`` -> ``updates``."""
+    return name.split("@", 1)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,79 +282,10 @@ class GpuPhase:
         return max(self.holdings, key=lambda h: h.bytes)
 
 
-def _stage_params(m, lay, stage: int, value_head: bool) -> float:
-    t, p = lay.tensor_parallel, lay.pipeline_parallel
-    n = (m.num_layers // p) * layer_params(m) / t
-    if stage == 0:
-        n += embedding_params(m) / t
-    if stage == p - 1:
-        n += m.hidden_size + (m.hidden_size if value_head else (0 if m.tie_word_embeddings else embedding_params(m) / t))
-    return n
-
-
-def trainer_items(cfg, role: str, rank: int, state: str, work: Optional[str], gpu: GPU) -> list[tuple[str, float]]:
-    """What trainer rank ``rank`` of ``role`` holds on its GPU in ``state`` doing ``work``."""
-    m = cfg.model
-    lay = getattr(cfg.parallel, role)
-    if state == "absent":
-        return []
-    value_head = role == "critic"
-    stage = rank // (lay.tensor_parallel * lay.data_parallel)
-    n = _stage_params(m, lay, stage, value_head)
-    wb = weight_bytes_per_param(m)
-    weights, grads = n * wb, n * 4.0
-    optimizer = n * (8 + (4 if wb != 4 else 0)) / lay.data_parallel
-    items = [("context", gpu.cuda_context_gib * GiB), ("nccl", gpu.nccl_gib * GiB)]
-    if state == "resident":
-        items += [("weights", weights), ("grads", grads), ("optimizer", optimizer)]
-    elif state == "params":
-        items += [("weights", weights)]
-    if m.fp8:  # TE's FP8 weight workspaces (the copy and its transpose) live on the module: no offload moves them
-        items.append(("fp8 weight cache", n * 2.0))
-    tok, h = lay.micro_batch_tokens, m.hidden_size
-    per_layer = activation_bytes_per_token_layer(m, lay.tensor_parallel) * tok
-    last = stage == lay.pipeline_parallel - 1
-    if work == "train":
-        in_flight = lay.pipeline_parallel - stage  # 1F1B: micro-batches in flight on this stage
-        layers = m.num_layers // lay.pipeline_parallel
-        kept = 2.0 * h * tok if lay.recompute == "full" else per_layer
-        items.append(("activations", in_flight * layers * kept + (per_layer if lay.recompute == "full" else 0)))
-        if last and not value_head:
-            items.append(("logits", 2 * 4.0 * tok * m.padded_vocab_size / lay.tensor_parallel))
-    elif work == "forward":
-        items.append(("activations", per_layer + 2.0 * h * tok))
-    elif work in ("load", "resume", "save"):
-        # torch_dist builds the optimizer's sharded state as new tensors: a second copy while
-        # it is read or written; a starting-weights load reads into the model's own tensors
-        staging = optimizer if work != "load" else 0.0
-        items.append(("checkpoint staging", staging + embedding_params(m) / lay.tensor_parallel * wb))
-    elif work == "gather":
-        # the bucket being handed over, plus one TP-gathered tensor (at most the embedding)
-        items.append(("sync buffers", cfg.rollout.weight_sync_bucket_mb * 2 ** 20 + embedding_params(m) * wb))
-    alloc = sum(b for k, b in items if k not in ("context", "nccl"))
-    items.append(("fragmentation", gpu.fragmentation * alloc))
-    return items
-
-
-def engine_items(cfg, state: str, gpu: GPU, utilization: float) -> list[tuple[str, float]]:
-    """What one engine worker holds on its GPU in ``state``."""
-    r, m = cfg.rollout, cfg.model
-    if state == "absent":
-        return []
-    items = [("context", gpu.cuda_context_gib * GiB)]
-    if r.tensor_parallel > 1:
-        items.append(("nccl", gpu.nccl_gib * GiB))
-    if state == "awake":
-        items.append(("budget: weights, activations, KV cache", utilization * gpu.memory_bytes))
-    else:
-        items.append(("engine asleep", gpu.engine_asleep_gib * GiB))
-        if state == "weights":
-            items.append(("engine weights", model_params(m) * 2.0 / r.tensor_parallel))
-    return items
-
-
-def phase_table(cfg, placement, gpu: GPU, utilization: Optional[float] = None) -> list[GpuPhase]:
-    """Every phase x every used GPU of ``placement``: what each component holds there."""
+def phase_table(cfg, placement, gpu: GPU, utilization: Optional[float] = None,
+                only: Optional[Sequence[Phase]] = None) -> list[GpuPhase]:
+    """Every phase (or those of ``only``) x every used GPU of ``placement``: what each component
+    holds there. The ranks of both trainers on one GPU (shared trainers) are occupants of their own."""
     util = cfg.rollout.gpu_memory_utilization if utilization is None else utilization
     occupants: dict[tuple[int, int], list] = {}
     for a in placement.policy + placement.critic:
@@ -306,7 +294,7 @@ def phase_table(cfg, placement, gpu: GPU, utilization: Optional[float] = None) -
         for w, g in enumerate(a.gpus):
             occupants.setdefault((g.node, g.index), []).append(("engine", a.rank, w))
     out = []
-    for ph in phases(cfg):
+    for ph in phases(cfg) if only is None else only:
         for g in sorted(occupants):
             gp = GpuPhase(g, ph.name)
             for group, rank, worker in occupants[g]:
@@ -388,22 +376,12 @@ def format_peaks(table: list[GpuPhase], gpu: GPU) -> list[str]:
 # Host memory per node
 # ---------------------------------------------------------------------------------------------
 
-def offload_buffer_bytes(cfg, role: str, rank: int) -> float:
-    """The host buffer of one trainer rank's offload: its weights and optimizer state, exactly
-    (one buffer per rank, :mod:`megatron_tppo.training.offload`); gradients are dropped, not kept."""
-    m = cfg.model
-    lay = getattr(cfg.parallel, role)
-    stage = rank // (lay.tensor_parallel * lay.data_parallel)
-    n = _stage_params(m, lay, stage, role == "critic")
-    wb = weight_bytes_per_param(m)
-    return n * wb + n * (8 + (4 if wb != 4 else 0)) / lay.data_parallel
-
-
 def host_table(cfg, placement, host) -> dict[int, list[Holding]]:
     """Per node, the host memory at its peak: every trainer rank's offload buffer (allocated at the
     first offload and kept), the engines' level-1 backup of their weights (a save or a warm-up
     step: in host memory at the same time as the buffers), the Ray object store, and the
-    processes themselves. Engines on their own GPUs never sleep: no backup."""
+    processes themselves. Engines on their own GPUs never sleep: no backup. Shared trainers
+    offload on the same nodes: both trainers' buffers count there."""
     r, m = cfg.rollout, cfg.model
     out: dict[int, list[Holding]] = {}
     for a in placement.policy + placement.critic:
@@ -444,11 +422,23 @@ def check_host(table: dict[int, list[Holding]], host) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 def run_phases(steps: range, warmup_steps: int, saves: set[int], resumed: bool = False,
-               signal: Optional[str] = None) -> list[str]:
+               signal: Optional[str] = None, shared: bool = False) -> list[str]:
     """The phases of one process of a run that executes ``steps`` (0-based step indices), saves
     after each step in ``saves`` (1-based counts, as checkpoints are named; a save after the last
     step ends the run) and, with ``signal`` ("generation" or "updates"), is stopped in the step
-    after the last of ``steps``."""
+    after the last of ``steps``. ``shared``: the trainers take turns (every phase of
+    :data:`TURN_PHASES` is visited as its turns, critic first)."""
+    return with_turns(_split_run_phases(steps, warmup_steps, saves, resumed, signal), shared)
+
+
+def with_turns(names, shared: bool) -> list[str]:
+    """The phase sequence ``names`` (:data:`COLOCATED`'s names) as shared trainers visit it when
+    ``shared``: each phase of :data:`TURN_PHASES` as its turns, in :data:`TURNS`' order."""
+    return [t for n in names for t in ([f"{n}@{r}" for r in TURNS] if shared and n in TURN_PHASES else [n])]
+
+
+def _split_run_phases(steps: range, warmup_steps: int, saves: set[int], resumed: bool,
+                      signal: Optional[str]) -> list[str]:
     out = list(STARTUP)
     if resumed:
         out[2] = "resume"
@@ -492,30 +482,44 @@ def _engine_state(engines) -> str:
 def check_trace(cfg, records: list[dict]) -> list[list[str]]:
     """Check every record of a ``memory_trace.jsonl`` against the schedule: its calls are exactly
     :func:`transition`'s, and what the components reported afterwards is the new phase's state.
+    Shared trainers take every turn in order: a process enters ``<name>@policy`` only from
+    ``<name>@critic`` and leaves ``<name>@critic`` only for it (it may end anywhere: killed).
     Returns the phases visited, one list per process (a record with no ``from`` starts one);
     raises :class:`MemoryPlanError` at the first record that differs."""
     runs: list[list[str]] = []
     for i, rec in enumerate(records):
+        where = f"trace record {i} ({rec['from']} -> {rec['to']})"
         new = phase(cfg, rec["to"])
         if rec["from"] is None:
             runs.append([])
             want: list = []
         else:
-            want = [a.to_json() for a in transition(phase(cfg, rec["from"]), new)]
+            _check_turn(where, rec["from"], rec["to"])
+            try:
+                want = [a.to_json() for a in transition(phase(cfg, rec["from"]), new)]
+            except MemoryPlanError as err:
+                raise MemoryPlanError(f"{where}: {err}") from None
         if rec["actions"] != want:
-            raise MemoryPlanError(f"trace record {i} ({rec['from']} -> {rec['to']}): calls {rec['actions']}, "
-                                  f"the schedule says {want}")
+            raise MemoryPlanError(f"{where}: calls {rec['actions']}, the schedule says {want}")
         seen = rec["observed"]
         got = {"rollout": _engine_state(seen["rollout"])}
         for role in ("policy", "critic"):
             got[role] = "absent" if seen[role] is None else _trainer_state(seen[role])
         for comp, want_state in (("rollout", new.engine), ("policy", new.policy), ("critic", new.critic)):
-            building = new.name == "trainer_build" and comp != "rollout" and got[comp] == "absent"
-            if got[comp] != want_state and not building:  # (trainer_build is entered before the build)
-                raise MemoryPlanError(f"trace record {i} ({rec['from']} -> {rec['to']}): {comp} reports "
-                                      f"{got[comp]}, the schedule says {want_state}")
+            # a build phase is entered before the build
+            building = comp != "rollout" and got[comp] == "absent" and getattr(new, f"{comp}_work") == "build"
+            if got[comp] != want_state and not building:
+                raise MemoryPlanError(f"{where}: {comp} reports {got[comp]}, the schedule says {want_state}")
         runs[-1].append(rec["to"])
     return runs
+
+
+def _check_turn(where: str, a: str, b: str) -> None:
+    first, last = (f"@{r}" for r in (TURNS[0], TURNS[-1]))
+    if b.endswith(last) and a != base_name(b) + first:
+        raise MemoryPlanError(f"{where}: the {TURNS[-1]}'s turn of {base_name(b)} without the {TURNS[0]}'s first")
+    if a.endswith(first) and b != base_name(a) + last:
+        raise MemoryPlanError(f"{where}: the {TURNS[-1]}'s turn of {base_name(a)} is missing")
 
 
 def engine_utilization(cfg, placement, gpu_total_bytes: float) -> float:
