@@ -88,7 +88,7 @@ class MemoryProbe:
     def __enter__(self):
         import ray
 
-        from megatron_tppo.weights.transfer import reset_peak_rss, rss_bytes
+        from megatron_tppo.weights.memprobe import reset_peak_rss, rss_bytes
 
         self.driver0 = rss_bytes()[0]
         reset_peak_rss()
@@ -99,7 +99,7 @@ class MemoryProbe:
     def __exit__(self, *exc):
         import ray
 
-        from megatron_tppo.weights.transfer import rss_bytes
+        from megatron_tppo.weights.memprobe import rss_bytes
 
         self.driver_growth = rss_bytes()[1] - self.driver0
         after = ray.get([w.memory.remote() for w in self.policy.workers])
