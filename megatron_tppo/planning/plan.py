@@ -141,8 +141,9 @@ def make_plan(cfg: TPPOConfig, nodes: int, gpus_per_node: int, gpu: GPU = GPU(),
 
 
 def step_cycle(cfg: TPPOConfig) -> tuple[str, ...]:
-    """A steady step's phases in the memory schedule, from generation back to generation."""
-    return ("generation",) + tuple(S.STEP)
+    """A steady step's phases in the memory schedule, from generation back to generation (shared
+    trainers take the updates in turns: ``updates@critic``, ``updates@policy``)."""
+    return ("generation",) + tuple(S.with_turns(S.STEP, S.shared(cfg)))
 
 
 def evaluate(cfg: TPPOConfig, nodes: int, gpus_per_node: int, gpu: GPU = GPU(), prompt_tokens: int = 1024,
@@ -376,14 +377,15 @@ def format_layouts(lay: dict) -> list[str]:
     lines = [f"trainer layouts side by side (parallel.trainers; {mine} is this config's):"]
     if "error" in b:
         return lines + [f"  {other}: not possible here ({b['error']})"]
-    w = 36
+    w = 38
 
     def row(name, f):
         return f"  {name:<16}{f(a):<{w}}{f(b)}"
 
     def fit(x):
         return (f"yes (peak {x['memory_peak_gib']:.1f} GiB)" if x["fits"] else
-                f"no ({len(x['fit_errors'])} phase(s): {x['fit_errors'][0].split(':')[0]})")
+                f"no: {x['fit_errors'][0].split(':')[0]}" + (f" +{len(x['fit_errors']) - 1}" if len(x["fit_errors"]) > 1
+                                                              else ""))
 
     lines += [row("", lambda x: f"{x['trainers']} ({x['derived']})" if x is a else x["trainers"]),
               row("policy | critic", lambda x: f"{x['policy']} | {x['critic']}"),

@@ -118,8 +118,8 @@ def test_refuses_layouts_that_do_not_divide(over, nodes, gpn, reason):
 
 
 def test_refuses_what_does_not_fit():
-    c = load_config(RECIPE, ["parallel.policy.recompute=none"])
-    with pytest.raises(P.PlanError, match=r"phase updates: GPU \d of node 0 needs .* GiB .*largest: policy rank \d+ activations .*recompute=full"):
+    c = load_config(RECIPE, ["parallel.policy.recompute=none"])  # shared trainers: the policy's turn
+    with pytest.raises(P.PlanError, match=r"phase updates@policy: GPU \d of node 0 needs .* GiB .*largest: policy rank \d+ activations .*recompute=full"):
         P.make_plan(c, 4, 8)
     c = load_config(RECIPE, ["rollout.gpu_memory_utilization=0.2"])
     with pytest.raises(P.PlanError, match="less than one sequence"):
@@ -133,7 +133,8 @@ def test_32b_recipe_fits_on_4_8_16_nodes(nodes, capsys):
     args = argparse.Namespace(nodes=nodes, gpus_per_node=8, fill=True, prompt_tokens=1024, gpu_mem_gb=80, host_mem_gb=2048, object_store_gb=None, json=False)
     assert CLI.run_plan(load_config(RECIPE), args) == 0
     out = capsys.readouterr().out
-    assert f"parallel.policy.data_parallel={nodes // 4}" in out and f"rollout.num_engines={nodes * 2}" in out
+    # shared trainers TP8 x PP1 on every GPU: DP = GPUs / 8
+    assert f"parallel.policy.data_parallel={nodes}" in out and f"rollout.num_engines={nodes * 2}" in out
     assert f"GPUs used {nodes * 8} of {nodes * 8}" in out
     # the model is Qwen2.5-32B: 32.76B parameters with the (untied) embeddings
     assert "model 32.76B params" in out
@@ -154,7 +155,7 @@ def test_train_dry_run_prints_the_plan(capsys):
 
     assert main(["--config", RECIPE, "--dry-run", "--nodes", "4"]) == 0
     out = capsys.readouterr().out
-    assert "num_slots: 8192" in out and "policy : TP8 x PP2 x DP1 = 16 GPUs" in out
+    assert "num_slots: 8192" in out and "policy : TP8 x PP1 x DP4 = 32 GPUs" in out
     assert main(["--config", RECIPE, "--dry-run", "--nodes", "1"]) == 3
 
 
@@ -270,3 +271,31 @@ def test_split_derives_shared_pp1_first():
     # not colocated: no shared layout to compare
     lay = P.make_plan(_gpu_layout(), nodes=1, gpus_per_node=8).layouts
     assert lay["faster"] is None and "rollout.colocate" in lay["shared"]["error"]
+
+
+def test_32b_recipe_is_shared_and_beats_split_by_the_plan():
+    """The recipe as written on 4 nodes: shared TP8 x PP1 x DP4 trainers, every engine worker fed
+    by IPC from the policy rank on its own GPU; its split counterpart is slower (the gloo sync, the
+    critic's idle half) and both fit."""
+    r = subprocess.run([sys.executable, "-m", "megatron_tppo.plan", "--config", RECIPE, "--nodes", "4", "--json"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    js = json.loads(r.stdout)
+    sync = js["sync"]
+    assert sync["route"]["path"] == "local" and sync["route"]["transport"] == "ipc"
+    assert len(sync["workers"]) == 32 and {w["transport"] for w in sync["workers"]} == {"ipc"}
+    # engine e's worker j on GPU 4(e%2)+j of node e//2 holds (and receives from) policy rank 8(e//2)+4(e%2)+j
+    assert [(w["engine"], w["worker"], w["node"], w["gpu"], w["policy_rank"]) for w in sync["workers"]] == [
+        (e, j, e // 2, 4 * (e % 2) + j, 8 * (e // 2) + 4 * (e % 2) + j) for e in range(8) for j in range(4)]
+    assert sync["seconds"] <= 1.0 and sync["dominant"] == "tp_allgather"
+    lay = js["layouts"]
+    assert lay["config"] == "shared" and lay["faster"] == "shared"
+    assert lay["shared"]["fits"] and lay["split"]["fits"]
+    assert (lay["split"]["policy"], lay["split"]["critic"]) == ("TP8 PP2 DP1", "TP8 PP2 DP1")  # PP1 DP2 does not fit
+    assert lay["split"]["route"]["transport"] == "gloo" and lay["split"]["sync_s"] > 100 * lay["shared"]["sync_s"]
+    for name in ("shared", "split"):
+        x = lay[name]
+        assert x["step_s"] == pytest.approx(x["gen_s"] + x["train_s"] + x["sync_s"] + x["swap_s"])
+    assert lay["shared"]["step_s"] < lay["split"]["step_s"]

@@ -179,24 +179,32 @@ def test_check_trace_accepts_the_schedule_and_catches_a_reorder():
         S.check_trace(cfg, bad)
 
 
+# the split layout the 32B recipe had before it shared its trainers: TP8 x PP2 x DP1 each on 16 GPUs
+SPLIT_32B = ["parallel.trainers=split", "parallel.policy.pipeline_parallel=2", "parallel.policy.data_parallel=1",
+             "parallel.critic.pipeline_parallel=2", "parallel.critic.data_parallel=1"]
+
+
 @pytest.mark.parametrize("nodes", [4, 8, 16])
-def test_32b_recipe_fits_every_phase_on_h100_80gb(nodes):
-    cfg = load_config(RECIPE)
+@pytest.mark.parametrize("layout", ["recipe", "split"])
+def test_32b_recipe_fits_every_phase_on_h100_80gb(nodes, layout):
+    cfg = load_config(RECIPE, SPLIT_32B if layout == "split" else [])
     fill_layout(cfg, nodes * 8)
     cfg.validate()
     gpu = GPU(memory_gib=gpu_memory_gib(80))
     plan = make_plan(cfg, nodes, 8, gpu)
     peaks = S.peaks(plan.memory)
-    assert set(peaks) == set(S.PHASE_NAMES)
+    assert list(peaks) == [p.name for p in S.phases(cfg)]
     assert all(gp.total <= gpu.memory_bytes - gpu.headroom_gib * GiB for gp in peaks.values())
     # the phases that once died: engines at 85% next to a trainer build, a save next to awake engines
-    assert peaks["trainer_build"].total < 50 * GiB and peaks["checkpoint_save"].total < 70 * GiB
+    build, save = ("trainer_build", "checkpoint_save") if layout == "split" else ("trainer_build@policy",
+                                                                                 "checkpoint_save@policy")
+    assert peaks[build].total < 50 * GiB and peaks[save].total < 70 * GiB
     assert plan.numbers["host_peak_gib"] < Host().memory_gib
 
 
 def test_a_config_that_does_not_fit_is_refused_with_its_phase():
-    # PP1: a stage holds all 64 layers' weights, gradients and Adam state
-    c = load_config(RECIPE, ["parallel.policy.pipeline_parallel=1", "parallel.policy.data_parallel=2"])
+    # split, policy PP1 x DP2 on 16 GPUs: a stage holds all 64 layers' weights, gradients and Adam state
+    c = load_config(RECIPE, SPLIT_32B + ["parallel.policy.pipeline_parallel=1", "parallel.policy.data_parallel=2"])
     with pytest.raises(PlanError, match=r"phase updates: GPU \d of node [01] needs .*largest: policy rank \d+ optimizer"):
         make_plan(c, 4, 8)
     # an engine budget that leaves no room: generation named, with the field
@@ -216,11 +224,13 @@ def test_plan_json_is_json_alone_and_carries_the_phase_table():
                         "--gpu-mem-gb", "80", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)  # nothing else on stdout
-    assert doc["overrides"] == ["parallel.policy.data_parallel=2", "parallel.critic.data_parallel=2",
+    # the recipe's shared trainers, TP8 x PP1 x DP4 on 32 GPUs, filled to 64
+    assert doc["overrides"] == ["parallel.policy.data_parallel=8", "parallel.critic.data_parallel=8",
                                 "rollout.num_engines=16"]
-    assert set(doc["memory_peaks"]) == set(S.PHASE_NAMES)
+    names = [p.name for p in S.SHARED]
+    assert list(doc["memory_peaks"]) == names
     assert all(p["total_gib"] < 79.6 for p in doc["memory_peaks"].values())
-    assert len(doc["memory"]) == 64 * len(S.PHASE_NAMES)  # every phase on every GPU
+    assert len(doc["memory"]) == 64 * len(names)  # every phase on every GPU
     assert doc["startup"]["total_s"] > 0 and doc["waits"]["engine_start_s"] >= 300
     assert set(doc["host_memory"]) == {str(n) for n in range(8)}
     text = subprocess.run([sys.executable, "-m", "megatron_tppo.plan", "--config", RECIPE, "--nodes", "4"],

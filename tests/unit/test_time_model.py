@@ -149,3 +149,21 @@ def test_waits_are_a_margin_over_the_projection_with_a_floor():
     # shared: a third of a second -> the floor
     shared = load_config(RECIPE, SHARED)
     assert T.waits(shared, 4, "ipc").sync_s == T.WAIT_FLOOR_S
+
+
+def test_swaps_of_the_shared_step_by_hand():
+    """Shared, TP8 x PP1 x DP4: every GPU holds a policy rank with n_p = (64 layers + embedding +
+    output layer) / 8 + the final norm, and a critic rank with n_c = (64 layers + embedding) / 8 +
+    the final norm + the value head. A trainer's state is weights (2 B) + Adam over DP4 (12/4 B):
+    5 B per parameter. After generation the critic comes on (values, its update); then it goes off
+    and the policy comes on; before the sync the policy drops its optimizer (3 B), after it its
+    weights (2 B)."""
+    cfg = load_config(RECIPE, SHARED)
+    table = S.phase_table(cfg, plan_placement(cfg, 4, 8), GPU(), utilization=0.9)
+    n_p = (64 * LAYER + 2 * EMB) / 8 + 5120
+    n_c = (64 * LAYER + EMB) / 8 + 2 * 5120
+    cycle = ("generation", "values", "updates@critic", "updates@policy", "sync", "generation")
+    sw = T.swap_estimate(table, cycle)
+    assert [m["seconds"] for m in sw["moves"]] == pytest.approx(
+        [5 * n_c / PCIE, 0.0, (5 * n_c + 5 * n_p) / PCIE, 3 * n_p / PCIE, 2 * n_p / PCIE])
+    assert sw["seconds"] == pytest.approx(10 * (n_c + n_p) / PCIE) and 4.0 < sw["seconds"] < 4.1
