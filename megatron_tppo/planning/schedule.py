@@ -4,8 +4,9 @@ One pure plan (no torch, ray or vLLM import), used twice:
 
 * :func:`phase_table` prices every phase on every GPU of a placement (:mod:`.layout`), item by
   item (weights, gradients, optimizer state, activation peak, KV cache, the CUDA/NCCL reserve),
-  from what each component holds in its state (:mod:`.occupancy`). A phase that exceeds a GPU is a :class:`MemoryPlanError`
-  naming the phase, the GPU and its largest component. ``plan`` prints the table.
+  from what each component holds in its state (:mod:`.occupancy`). A phase that exceeds a GPU
+  is a :class:`MemoryPlanError` naming the phase, the GPU and its largest component. ``plan``
+  prints the table.
 * :func:`transition` says what to release and what to load when the run moves from one phase to
   another. :class:`megatron_tppo.controller.colocation.Colocation` applies exactly that, and
   nothing else, and writes what it did and what the components then reported to
