@@ -191,28 +191,28 @@ def initialize(cfg: TPPOConfig, loop, model_dir: Path) -> int:
     Resume (``checkpoint.resume``): the latest whole run checkpoint (models, optimizers, window
     pool, prompt stream, RNG). Otherwise the policy comes from ``checkpoint.load_policy`` (a
     torch_dist checkpoint, e.g. from tools/convert_hf_to_megatron.py) or the HF model, and the
-    critic from ``checkpoint.load_critic`` or the same HF backbone with a fresh value head.
+    critic from ``checkpoint.load_critic`` or the same HF backbone with a fresh value head. Each
+    trainer loads in its turn of the memory schedule's phase, the critic first (shared trainers;
+    split ones load in the one phase).
     """
     from megatron_tppo.controller import run_checkpoint
 
     start = None
     root = run_checkpoint.checkpoint_root(cfg.logging.output_dir)
     if cfg.checkpoint.resume and run_checkpoint.list_checkpoints(root):
-        loop.colocation.enter("resume")
+        loop.colocation.enter("resume", "critic")  # (run_checkpoint.load takes the turns)
         start = run_checkpoint.resume(root, loop)
     if cfg.checkpoint.resume and start is None:
         print("[tppo] checkpoint.resume: no whole checkpoint found; starting from the initial weights", flush=True)
     if start is None:
         start = 0
-        loop.colocation.enter("checkpoint_load")
-        if cfg.checkpoint.load_policy:
-            loop.policy.load(cfg.checkpoint.load_policy, with_optimizer=False)
-        else:
-            loop.policy.load_hf(str(model_dir))
-        if cfg.checkpoint.load_critic:
-            loop.critic.load(cfg.checkpoint.load_critic, with_optimizer=False)
-        else:
-            loop.critic.load_hf(str(model_dir))
+        for role in ("critic", "policy"):
+            loop.colocation.enter("checkpoint_load", role)
+            trainer, path = getattr(loop, role), getattr(cfg.checkpoint, f"load_{role}")
+            if path:
+                trainer.load(path, with_optimizer=False)
+            else:
+                trainer.load_hf(str(model_dir))
     # the engines started from dummy weights: give them the policy's own through the same path
     # every step uses, then hand the GPUs to generation
     loop.sync_weights()  # (the schedule's first_sync)
@@ -227,7 +227,7 @@ def save_checkpoint(root: Path, step: int, loop, keep_last: int, then: Optional[
     from megatron_tppo.controller import run_checkpoint
 
     if loop.colocation.phase == "generation":
-        loop.colocation.enter("checkpoint_save")
+        loop.colocation.enter("checkpoint_save", "critic")  # (run_checkpoint.save takes the turns)
     run_checkpoint.save(root, step, loop, keep_last)
     if then is not None:
         loop.colocation.enter(then)
@@ -294,16 +294,19 @@ def run(cfg: TPPOConfig) -> dict:
         # are built and loaded (vLLM refuses to start unless its budget is free; megatron_tppo/planning/schedule.py)
         colocation = Colocation(cfg, rollout, trace_path=out / "memory_trace.jsonl")
         colocation.enter("engine_start")
-        colocation.enter("trainer_build")
-        policy = TrainerGroup("policy", cfg.model, cfg.parallel.policy, cfg.optim.policy, role="policy",
-                              device=device, seed=cfg.seed, total_steps=cfg.steps, placed=placed, threads=threads,
-                              init_weights=False, setup_timeout_s=waits.trainer_build_s)
-        groups.append(policy)
-        critic = TrainerGroup("critic", cfg.model, cfg.parallel.critic, cfg.optim.critic, role="critic",
-                              device=device, seed=cfg.seed + 1, total_steps=cfg.steps, placed=placed, threads=threads,
-                              init_weights=False, setup_timeout_s=waits.trainer_build_s)
-        groups.append(critic)
-        colocation.attach(policy, critic)
+
+        def build(role: str, seed: int) -> TrainerGroup:
+            """One trainer group, built in its turn (shared trainers: the other one offloaded)."""
+            colocation.enter("trainer_build", role)
+            group = TrainerGroup(role, cfg.model, getattr(cfg.parallel, role), getattr(cfg.optim, role), role=role,
+                                 device=device, seed=seed, total_steps=cfg.steps, placed=placed, threads=threads,
+                                 init_weights=False, setup_timeout_s=waits.trainer_build_s)
+            groups.append(group)
+            colocation.attach(**{role: group})
+            return group
+
+        critic = build("critic", cfg.seed + 1)  # the critic's turn comes first (planning/schedule.py TURNS)
+        policy = build("policy", cfg.seed)
         print(f"[tppo] cluster up in {time.perf_counter() - t0:.1f} s: policy {policy.world} ranks, "
               f"critic {critic.world} ranks, {cfg.rollout.num_engines} rollout engine(s) on {device}"
               + (" (GPU bundles)" if on_gpus else ""), flush=True)

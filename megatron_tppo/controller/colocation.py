@@ -6,6 +6,10 @@ nothing else: ``enter(phase)`` takes the calls :func:`~megatron_tppo.planning.sc
 returns for the current and the new phase and makes them in that order (releases first). Engines
 on their own GPUs (``rollout.colocate=false``) have the same states in every phase: nothing moves.
 
+Shared trainers (``parallel.trainers=shared``) take turns in a phase both work in:
+``enter(name, role)`` (or :meth:`Colocation.turn`) enters ``<name>@<role>``, critic first; with
+split trainers the role changes nothing (both work in the one phase, the second turn is a no-op).
+
 After every move it asks each component what it really holds (trainer ranks: which kinds are off
 the device; engines: which tags sleep and whether a level-2 sleep dropped the weights) and
 appends one line to ``<output_dir>/memory_trace.jsonl``: the phases, the calls, the time they
@@ -33,13 +37,22 @@ class Colocation:
         self.trace_path = Path(trace_path) if trace_path is not None else None
         self.seconds = 0.0
         """Time spent handing memory over since the last :meth:`take_seconds`."""
+        self.shared = S.shared(cfg)
+        """Do the trainers take turns on the same GPUs (``parallel.trainers=shared``)?"""
 
-    def attach(self, policy, critic) -> None:
-        """The trainer groups, once built (the moves before that touch only the engines)."""
-        self.policy, self.critic = policy, critic
+    def attach(self, policy=None, critic=None) -> None:
+        """A trainer group once built, either first (the moves before that touch only the engines
+        and the trainers already attached)."""
+        if policy is not None:
+            self.policy = policy
+        if critic is not None:
+            self.critic = critic
 
-    def enter(self, name: str) -> None:
-        """Move every component into phase ``name``'s state (a no-op when already there)."""
+    def enter(self, name: str, role: Optional[str] = None) -> None:
+        """Move every component into phase ``name``'s state, or with shared trainers into
+        ``role``'s turn of it (:func:`~megatron_tppo.planning.schedule.turn_name`); a no-op when
+        already there."""
+        name = S.turn_name(self.cfg, name, role)
         if name == self.phase:
             return
         new = S.phase(self.cfg, name)
@@ -89,11 +102,17 @@ class Colocation:
         """Values and updates: engines asleep (level 1 in a warm-up step: no sync refills them)."""
         self.enter("warmup_values" if warmup else "values")
 
-    def for_updates(self, warmup: bool = False) -> None:
-        self.enter("warmup_updates" if warmup else "updates")
+    def for_updates(self, warmup: bool = False, role: str = "critic") -> None:
+        """The updates, ``role``'s turn (a warm-up step updates only the critic: no turns)."""
+        self.enter("warmup_updates" if warmup else "updates", role)
+
+    def turn(self, role: str) -> None:
+        """``role``'s turn in the current phase (shared trainers; with split ones a no-op)."""
+        self.enter(S.base_name(self.phase), role)
 
     def for_sync(self) -> None:
-        self.enter("first_sync" if self.phase in ("trainer_build", "checkpoint_load", "resume") else "sync")
+        start = S.base_name(self.phase) in ("trainer_build", "checkpoint_load", "resume")
+        self.enter("first_sync" if start else "sync")
 
     def for_generation(self) -> None:
         self.enter("generation")

@@ -3,7 +3,9 @@
 Data flows one way, one call per arrow:
 prompts -> window pool -> rollout -> rewards (+ critic values, overlapped) -> EGAE -> policy update
 -> critic update (finished responses only) -> weight sync -> rollout.
-With ``rollout.colocate`` the GPUs change hands between the phases (:mod:`.colocation`).
+With ``rollout.colocate`` the GPUs change hands between the phases (:mod:`.colocation`); trainers
+on GPUs of their own update at once, shared trainers (``parallel.trainers=shared``) one after the
+other, each in its turn.
 """
 from __future__ import annotations
 
@@ -108,7 +110,7 @@ class TPPOLoop:
         if stop_requested is not None and stop_requested("generation"):
             self.task.prompts.load_state_dict(before[0])  # (the order run_checkpoint.load uses)
             self.load_state_dict(before[1])
-            self.colocation.enter("signal_generation")  # trainers back on the GPU for the save
+            self.colocation.enter("signal_generation", "critic")  # trainers back on the GPU for the save
             self.stopped_after = "generation"
             return {"perf/generate_s": m["perf/generate_s"]}
         gen_tokens = sum(s.end - s.start for s in batch.segments)
@@ -121,22 +123,28 @@ class TPPOLoop:
         m["perf/values_s"] = time.perf_counter() - t0
 
         # decoupled updates: the policy on this window's segments, the critic on finished responses;
-        # they share nothing, so both run at once
-        self.colocation.for_updates(warmup=not will_sync)
+        # they share nothing, so trainers on GPUs of their own run both at once; shared trainers
+        # take turns, the critic first (the policy stays on the GPU for the sync)
+        self.colocation.for_updates(warmup=not will_sync, role="critic")
         t0 = time.perf_counter()
         segments = self.policy_segments(batch)
         train_policy = will_sync and bool(segments)
-        policy_job = self.start_policy_update(segments) if train_policy else None
+        at_once = train_policy and not self.colocation.shared
+        policy_job = self.start_policy_update(segments) if at_once else None
         finished = [s for s in batch.finished if s.values and None not in s.values]
         if finished:
             m.update(self.update_critic(finished))
+        if will_sync:  # (split: the same phase; a policy without segments still takes its turn for the sync)
+            self.colocation.for_updates(role="policy")
+        if train_policy and not at_once:
+            policy_job = self.start_policy_update(segments)
         if policy_job is not None:
             m.update(self.finish_policy_update(*policy_job))
         m["perf/train_s"] = time.perf_counter() - t0
         self._check_nonfinite(m)
         if stop_requested is not None and stop_requested("updates"):
             self.stopped_after = "updates"  # no sync: the checkpoint holds the new weights
-            self.colocation.enter("signal_updates" if will_sync else "signal_warmup_updates")
+            self.colocation.enter("signal_updates" if will_sync else "signal_warmup_updates", "critic")
         else:
             if will_sync:  # (also after an update-less step: a sleeping engine dropped its weights)
                 m.update(self.sync_weights())  # hands the GPUs over for the sync first (colocated)

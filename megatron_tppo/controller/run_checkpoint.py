@@ -10,6 +10,10 @@ A checkpoint directory ``<output_dir>/checkpoints/step_<N>/`` holds
 It is written under a temporary name and renamed into place only when whole, so a crash while
 saving leaves either the previous checkpoint or a stray ``.tmp`` directory that is ignored (and
 removed by the next save). Only the newest ``keep_last`` checkpoints are kept.
+
+Shared trainers (``parallel.trainers=shared``) save and load one at a time, each in its turn of
+the memory schedule's phase (:meth:`~megatron_tppo.controller.colocation.Colocation.turn`), the
+critic first.
 """
 from __future__ import annotations
 
@@ -70,7 +74,12 @@ def save(root: Path, step: int, loop, keep_last: int) -> Path:
         shutil.rmtree(stale, ignore_errors=True)
     tmp, final = root / f".{_PREFIX}{step:08d}.tmp", root / f"{_PREFIX}{step:08d}"
     tmp.mkdir()
-    if _gpus_shared(loop):  # one trainer onloaded at a time next to the engine's memory
+    if loop.colocation.shared:  # the trainers take turns on the same GPUs
+        loop.colocation.turn("critic")
+        loop.critic.save(str(tmp / "critic"))
+        loop.colocation.turn("policy")
+        loop.policy.save(str(tmp / "policy"))
+    elif _gpus_shared(loop):  # one trainer onloaded at a time next to the engine's memory
         loop.policy.save(str(tmp / "policy"))
         loop.critic.save(str(tmp / "critic"))
     else:  # policy and critic write at the same time
@@ -111,8 +120,10 @@ def resume(root: Path, loop) -> Optional[int]:
 def load(path: Path, loop) -> int:
     """Restore models, optimizers, pool, stream and RNG from ``path``; returns the next step."""
     state = torch.load(path / "run_state.pt", weights_only=False)
-    loop.policy.load(str(path / "policy"))
+    loop.colocation.turn("critic")  # (shared trainers; split ones load in the one phase)
     loop.critic.load(str(path / "critic"))
+    loop.colocation.turn("policy")
+    loop.policy.load(str(path / "policy"))
     loop.task.prompts.load_state_dict(state["prompts"])  # the pool's stream continues from here
     loop.load_state_dict(state["loop"])
     random.setstate(state["rng"]["python"])
