@@ -114,10 +114,12 @@ def test_sbatch_two_nodes_tiny_run_requeued_resumes(slurm_cluster, tiny_model, t
 @pytest.mark.slow
 def test_sbatch_rehearsal_of_the_32b_shape(slurm_cluster, tiny_model, tmp_path):
     """examples/rehearsal/tppo_32b_shape.yaml through `sbatch slurm/tppo_32b.sh` on two nodes with
-    two gres GPUs each: Ray takes them as logical GPUs, the colocated plan is applied (policy TP2
-    on node 0 sharing its GPUs with the TP2 engine, critic PP2 on node 1), vLLM runs its
-    multiprocess executor, weights go over the gloo transfer group, and every sync leaves the
-    train-vs-rollout mismatch below 1e-4. Two jobs: the first runs steps 1-2 (a periodic save
+    two gres GPUs each: Ray takes them as logical GPUs, the shared plan is applied (policy TP2 x PP2
+    over both nodes, a stage per node, the critic's two stages on node 0, in turns; one TP2 engine
+    per node on the policy's GPUs), vLLM runs its multiprocess executor, every engine worker gets
+    the weights from the policy rank on its GPU (the other stage's buckets relayed over the PP
+    group, handed over through /dev/shm), and every sync leaves the train-vs-rollout mismatch
+    below 1e-4. Two jobs: the first runs steps 1-2 (a periodic save
     after step 2) and gets Slurm's SIGUSR1 during step 3's generation (it saves and stops); the
     second resumes and finishes steps 3-4. Both drivers' memory traces match the memory schedule
     call for call (megatron_tppo/planning/schedule.py)."""
@@ -161,24 +163,29 @@ def test_sbatch_rehearsal_of_the_32b_shape(slurm_cluster, tiny_model, tmp_path):
     cfg = load_config(str(ROOT / "examples/rehearsal/tppo_32b_shape.yaml"), overrides)
     records = [json.loads(line) for line in (run_dir / "memory_trace.jsonl").read_text().splitlines()]
     warm = cfg.algorithm.critic_warmup_steps
-    assert check_trace(cfg, records) == [run_phases(range(2), warm, {2}, signal="generation"),
-                                         run_phases(range(2, 4), warm, {4}, resumed=True)]
+    assert cfg.parallel.trainers == "shared"
+    assert check_trace(cfg, records) == [run_phases(range(2), warm, {2}, signal="generation", shared=True),
+                                         run_phases(range(2, 4), warm, {4}, resumed=True, shared=True)]
     # each Ray node declared the 2 GPUs Slurm gave it
     for n in ("n1", "n2"):
         log = (run_dir / f"ray-{n}.log").read_text()
         assert "CUDA_VISIBLE_DEVICES=0,1, object store" in log and "MiB free in /dev/shm" in log, log[-2000:]
     assert "CPU=2 GPU=2" in out, out[-3000:]  # both Ray nodes declared their 2 GPUs
     assert "placement: 4 of 4 GPUs requested (colocated)" in driver_log, driver_log[-4000:]
-    # where every actor ran: policy ranks and the engine on node 0, critic on node 1
+    # where every actor ran (parallel.trainers=shared): policy stage 0 and engine 0 on node 0, stage 1
+    # and engine 1 on node 1, the critic's two stages on node 0's GPUs beside them
     actors = json.loads((run_dir / "actors.json").read_text())
     by = {(a["group"], a["rank"]): a for a in actors}
-    assert by[("rollout engine", 0)]["gpus"] == [[0, 0], [0, 1]]
-    assert [by[("policy", r)]["gpus"] for r in (0, 1)] == [[[0, 0]], [[0, 1]]]
-    assert [by[("critic", r)]["gpus"] for r in (0, 1)] == [[[1, 0]], [[1, 1]]]
-    assert by[("policy", 0)]["node"] == by[("rollout engine", 0)]["node"]
-    # colocated: the engine's two workers see the devices of policy ranks 0 and 1 (the same GPUs)
-    engine_devices = by[("rollout engine", 0)]["cuda_visible_devices"].split(",")
-    assert engine_devices == [by[("policy", r)]["cuda_visible_devices"] for r in (0, 1)], actors
+    assert [by[("rollout engine", e)]["gpus"] for e in (0, 1)] == [[[0, 0], [0, 1]], [[1, 0], [1, 1]]]
+    assert [by[("policy", r)]["gpus"] for r in range(4)] == [[[0, 0]], [[0, 1]], [[1, 0]], [[1, 1]]]
+    assert [by[("critic", r)]["gpus"] for r in (0, 1)] == [[[0, 0]], [[0, 1]]]
+    for e in (0, 1):  # each engine's workers see the devices of the policy ranks on their GPUs
+        assert by[("policy", 2 * e)]["node"] == by[("rollout engine", e)]["node"]
+        engine_devices = by[("rollout engine", e)]["cuda_visible_devices"].split(",")
+        assert engine_devices == [by[("policy", 2 * e + r)]["cuda_visible_devices"] for r in (0, 1)], actors
+    # every weight sync took the local route: each engine worker from the policy rank on its GPU
+    assert "[tppo] weight sync: ipc from the policy rank on each engine worker's own GPU" in driver_log, \
+        driver_log[-4000:]
     # every trainer rank may run on all the cores its node was allocated: the cluster binds tasks
     # to cores (TaskPluginParam=Cores), so a Ray step without `srun -c` and every actor under it
     # would get one core. The emulated nodes share one host: both hold the same CPU ids.
@@ -186,7 +193,7 @@ def test_sbatch_rehearsal_of_the_32b_shape(slurm_cluster, tiny_model, tmp_path):
     assert all(len(c) == slurm_cluster.cpus for c in node_cpus.values()), node_cpus
     (cores,) = {tuple(c) for c in node_cpus.values()}
     affinity = {(a["group"], a["rank"]): a["cpu_affinity"] for a in actors if a["group"] in ("policy", "critic")}
-    assert len(affinity) == 4 and all(tuple(c) == cores for c in affinity.values()), (cores, affinity)
+    assert len(affinity) == 6 and all(tuple(c) == cores for c in affinity.values()), (cores, affinity)
     for n in ("n1", "n2"):
         assert f"{len(cores)} CPUs (affinity {','.join(map(str, cores))})" in (run_dir / f"ray-{n}.log").read_text()
     tb = read_scalars(run_dir / "tensorboard")
