@@ -175,7 +175,8 @@ def controller_cycle(eng, step, device: str, c: Checks) -> dict:
     P, G, O = (kinds[k]["bytes"] for k in ("params", "grads", "optimizer"))
     snap = host_copy(eng, grads=False)  # (the gradients are dropped: they come back zero)
     log: list[dict] = []
-    col = Colocation(SimpleNamespace(rollout=SimpleNamespace(colocate=True)), Stand("rollout", log))
+    col = Colocation(SimpleNamespace(rollout=SimpleNamespace(colocate=True), parallel=SimpleNamespace(trainers="split")),
+                     Stand("rollout", log))
     col.attach(Stand("policy", log, eng), Stand("critic", log))
     col.enter(CYCLE[0])  # the phase it starts in (no move: the first phase entered)
     settle(device)
