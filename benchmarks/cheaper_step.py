@@ -5,7 +5,7 @@
 Both runs: ``examples/tiny_cpu.yaml`` (``make run``'s config), the same SFT start model
 (``.cache/tiny_sft``), seed, held-out evaluation (64 prompts x 4 samples, every ``data.eval_every``
 steps, start and end included) and the same wall-clock budget, evaluations INCLUDED in it (as in
-the TRL GRPO run the issue compares against; unlike benchmarks/tppo_vs_ppo.py).
+the TRL GRPO reference run; unlike benchmarks/tppo_vs_ppo.py).
 
 * ``before``: the settings of the previous default: the critic starts from the SFT backbone with a
   fresh head, ``critic_warmup_steps=6`` policy-frozen steps, ``critic_epochs=4``.
@@ -17,7 +17,7 @@ Nothing else differs (policy learning rate, slots, windows, samples per prompt, 
 Reports steps, seconds per step, generated tokens/s over whole steps, the phase split (generate,
 values, train, sync, colocation) and the held-out accuracy start -> end (and best); writes
 benchmarks/results/cheaper_step.json and a PNG of held-out accuracy against wall-clock seconds.
-The TRL GRPO row is the issue's measurement (trl 1.16, same task and evaluation), quoted, not rerun.
+The TRL GRPO row is an earlier measurement (trl 1.16, same task and evaluation), quoted, not rerun.
 The console shows the step lines, real problems and the table; the library output (megatron-core,
 vLLM, Ray workers) goes to ``<run-dir>/logs/`` (:func:`megatron_tppo.console.start_run_logs`).
 """
@@ -37,7 +37,7 @@ from megatron_tppo.config_io import load_config  # noqa: E402
 
 PHASES = {"generate": "perf/generate_s", "values": "perf/values_s", "train": "perf/train_s",
           "sync": "perf/weight_sync_s", "colocation": "perf/colocation_s"}
-TRL_ISSUE_ROW = {"run": "TRL GRPO (issue 13, not rerun)", "steps": 101, "s_per_step": 3.7,
+TRL_ISSUE_ROW = {"run": "TRL GRPO (earlier measurement, not rerun)", "steps": 101, "s_per_step": 3.7,
                  "generated_tokens_per_s": 754, "start_accuracy": 0.363, "final_accuracy": 0.512}
 RUNS = {
     "before": ["algorithm.critic_warmup_steps=6", "algorithm.critic_epochs=4"],

@@ -1,5 +1,5 @@
 """The long-tailed task (data/longtail.py): disjoint splits, verifiable reward, and the SFT data's
-response lengths meet issue 13's targets (median <= 0.2 cap, p99 >= 0.7 cap, cap >= 1024)."""
+response lengths meet the long-tailed task's targets (median <= 0.2 cap, p99 >= 0.7 cap, cap >= 1024)."""
 from megatron_tppo.data.arith import parse_answer
 from megatron_tppo.data.longtail import LongTailTask, percentiles, response_length, steps_for_length
 from megatron_tppo.rewards.arith import arith_reward
