@@ -59,10 +59,9 @@ class ModelConfig:
     params_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Parameter/compute dtype. Use fp32 on CPU (bf16 matmul there is ~700x slower)."""
     fp8: Optional[Literal["e4m3", "hybrid"]] = None
-    """Transformer Engine FP8 format for linear layers; None disables FP8. Needs a GPU and TE.
-    With FP8, micro-batch widths are padded to multiples of 16 (32 for mxfp8) and the linear
-    layers' widths per tensor-parallel rank must be such multiples too (Transformer Engine's
-    FP8 GEMM shape rule; megatron_tppo/training/batching.py)."""
+    """Transformer Engine FP8 format for linear layers; None disables FP8 (needs a GPU and TE).
+    Micro-batch widths are then padded to multiples of 16 (32 for mxfp8) and linear widths per TP
+    rank must be such multiples too (TE's FP8 GEMM rule; megatron_tppo/training/batching.py)."""
     fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
     """Transformer Engine FP8 scaling recipe (used only when ``fp8`` is set)."""
     make_vocab_size_divisible_by: int = 128
@@ -122,10 +121,9 @@ class ParallelConfig:
     threads_per_worker: int = 0
     """torch intra-op threads per trainer/rollout process; 0 keeps torch's default."""
     trainers: Literal["split", "shared"] = "split"
-    """How the policy and the critic divide the GPUs. split: the policy takes the first GPUs, the
-    critic the next ones; both update at once. shared: both start at GPU 0 and take turns (the idle
-    one offloaded; megatron_tppo/planning/schedule.py), so every engine worker's GPU also holds a
-    policy rank and a sync stays on the GPUs (ipc). Needs rollout.colocate."""
+    """How policy and critic divide the GPUs. split: the policy the first GPUs, the critic the next;
+    both update at once. shared: both from GPU 0, taking turns (the idle one offloaded), so each
+    engine worker's GPU holds a policy rank and a sync stays on the GPUs. Needs rollout.colocate."""
 
 
 @dataclass
@@ -208,14 +206,12 @@ class RolloutConfig:
     weight_sync_bucket_mb: int = 512
     """Size bound of one bucket when streaming policy weights into vLLM."""
     weight_transport: Literal["auto", "gloo", "nccl", "ipc"] = "auto"
-    """How weights travel from the trainer ranks to the engine workers; one rule chooses
-    (megatron_tppo/planning/transport.py). ipc: buckets shared in place, only handles travel (CUDA
-    IPC on cuda, /dev/shm on cpu): from the policy rank on each engine worker's own GPU when every
-    one has one (parallel.trainers=shared), else from each stage's sender to engines on its node.
-    gloo: host buffers over TCP from each stage's sender (host-staged on GPU). nccl: CUDA buffers
-    from each stage's sender (engines on GPUs of their own). auto: ipc when each engine worker's
-    GPU holds a policy rank; else nccl on cuda for engines on their own GPUs, ipc when they share
-    the senders' GPUs on the senders' node, gloo otherwise; gloo on cpu."""
+    """How weights reach the engine workers (one rule chooses: megatron_tppo/weight_route.py).
+    ipc: buckets shared in place (CUDA IPC; /dev/shm on cpu), from the policy rank on each engine
+    worker's GPU when every one has one (parallel.trainers=shared), else from each stage's sender on
+    its node. gloo: host buffers over TCP. nccl: CUDA buffers to engines on GPUs of their own. auto:
+    ipc when each engine worker's GPU holds a policy rank; else nccl on cuda, ipc on the senders'
+    node, gloo otherwise; gloo on cpu."""
     logprobs_mode: Literal["processed", "raw"] = "processed"
     """Behaviour log-probs of the PPO ratio, and the trainer's alike: processed, of the sampling
     distribution log_softmax(logits / temperature); raw, of the temperature-1 model (then the
@@ -261,6 +257,12 @@ class AlgorithmConfig:
     """Zero the advantage of the last N tokens of a truncated segment (their estimates are worst)."""
     advantage_clamp: float = 10.0
     """Clamp whitened advantages to +-this value; 0 disables the clamp."""
+    advantage_whiten: Literal["mean_std", "std", "none"] = "mean_std"
+    """Advantages over the batch's loss tokens: minus the mean, over the std (the recipe); over the
+    std only (a truncated segment's near-zero advantages stay near zero); or as they are."""
+    truncation_bootstrap: Literal["last_value", "exact"] = "last_value"
+    """V(s_l) after a truncated segment: its last token's value V(s_{l-1}) (TPPO.md), or exact:
+    the critic's value after that token, from the same forward."""
     clip_low: float = 0.2
     """PPO ratio lower clip: ratio >= 1 - clip_low."""
     clip_high: float = 0.28
@@ -274,14 +276,12 @@ class AlgorithmConfig:
     entropy_coef: float = 0.0
     """Entropy bonus weight."""
     kl_coef: float = 0.0
-    """KL penalty to a frozen reference policy (the starting weights). Not implemented: it needs a
-    third, forward-only model group for the reference log-probs, so any value but 0 (the paper's
-    setting) is a configuration error."""
+    """KL penalty to a frozen reference policy. Not implemented (it needs a third, forward-only
+    model group): any value but 0, the paper's setting, is a configuration error."""
     dynamic_sampling: bool = False
-    """DAPO dynamic sampling: groups whose samples all got the same reward are left out of the
-    policy update (not resampled). Only where a group is generated and trained in one step (PPO:
-    refill window, window_tokens >= max_response_tokens, num_slots a multiple of samples_per_prompt);
-    elsewhere a configuration error (earlier windows and siblings train before the rewards exist)."""
+    """DAPO dynamic sampling: groups whose samples all got one reward leave the policy update (not
+    resampled). Only where a group is generated and trained in one step (PPO: window refill, window
+    >= max_response_tokens, num_slots a multiple of samples_per_prompt); else a configuration error."""
     critic_warmup_steps: int = 10
     """Critic-only steps before the policy starts to move."""
     overlong_penalty: float = 0.0

@@ -18,7 +18,7 @@ in the tests as the oracle.
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -77,6 +77,7 @@ def compute_egae(
     finished: torch.Tensor,
     gamma: float = 1.0,
     lam: Union[float, torch.Tensor] = 0.95,
+    bootstrap: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """EGAE advantages and value targets for one window's segments.
 
@@ -88,6 +89,9 @@ def compute_egae(
         finished: [B] bool, the response ended (EOS or length cap) inside this segment.
         gamma: discount.
         lam: GAE lambda, a float or a [B] tensor (per-row, for the length-adaptive policy lambda).
+        bootstrap: optional [B] value of the state after a truncated row's last valid token,
+            V(s_l). None: ``V(s_l) := V(s_{l-1})``, the row's last value (TPPO.md). Finished
+            rows ignore it (their next value is 0).
     Returns:
         (advantages, returns), both [B, T] in the dtype of ``values``; exactly 0 where the mask
         is 0. ``returns = advantages + values`` on valid tokens. No whitening.
@@ -119,6 +123,11 @@ def compute_egae(
     v_next = torch.nn.functional.pad(v[:, 1:], (0, 1))
     last = (n_valid - 1).clamp(min=0).view(B, 1)
     v_last = torch.gather(v, 1, last).squeeze(1)
+    if bootstrap is not None:
+        boot = torch.as_tensor(bootstrap, dtype=dtype, device=values.device).reshape(-1)
+        if boot.numel() != B:
+            raise ValueError(f"bootstrap has {boot.numel()} entries for {B} rows")
+        v_last = boot
     bootstrap = torch.where(finished, torch.zeros_like(v_last), v_last)
     is_last = pos == last
     v_next = torch.where(is_last, bootstrap.view(B, 1), v_next)

@@ -168,8 +168,11 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.T
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, clamp: float = 10.0, eps: float = 1e-8,
-                  stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+                  stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None, center: bool = True) -> torch.Tensor:
     """Whiten ``x`` over its valid tokens and clamp to +-``clamp`` (0 disables the clamp).
+
+    ``center=False`` divides by the standard deviation without subtracting the mean, so a token
+    whose ``x`` is 0 stays 0 (the mean still sets the variance).
 
     Args:
         x, mask: [B, T].
@@ -185,7 +188,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, clamp: float = 10.0, eps:
         var = ((x - mean).pow(2) * m).sum() / n
     else:
         mean, var = stats
-    out = (x - mean) * torch.rsqrt(torch.as_tensor(var, dtype=x.dtype) + eps)
+    out = ((x - mean) if center else x) * torch.rsqrt(torch.as_tensor(var, dtype=x.dtype) + eps)
     if clamp > 0:
         out = out.clamp(-clamp, clamp)
     return out * m

@@ -42,6 +42,9 @@ class SegmentInput:
     finished: bool
     reward: float = 0.0
     """Final reward; used only when ``finished``."""
+    value_after: Optional[float] = None
+    """V(s_l), the value after the segment's last token: the exact bootstrap of a truncated
+    segment. None: ``V(s_l) := V(s_{l-1})`` (TPPO.md)."""
 
 
 @dataclass
@@ -79,8 +82,13 @@ def _place(rows: Sequence[Sequence[float]], starts: Sequence[int], width: int) -
 
 def policy_batch(segments: Sequence[SegmentInput], *, gamma: float = 1.0, lambda_alpha: float = 0.05,
                  lambda_min: float = 0.95, window_tokens: int = 8192, tail_ignore: int = 0,
-                 advantage_clamp: float = 10.0, pad_width: Optional[int] = None) -> dict[str, torch.Tensor]:
+                 advantage_clamp: float = 10.0, whiten: str = "mean_std",
+                 pad_width: Optional[int] = None) -> dict[str, torch.Tensor]:
     """Policy rows for this step's segments; see the module docstring.
+
+    ``whiten``: ``mean_std`` (subtract the batch mean, divide by the std), ``std`` (divide only:
+    a truncated segment's near-zero advantages stay near zero) or ``none``. A truncated segment
+    with ``value_after`` bootstraps from it; without, from its last value.
 
     Returns the batch dict plus ``num_tokens`` (0-dim, the global loss-token count of this batch)
     and per-row ``finished`` / ``positive`` (finished with reward >= 1, for the positive LM loss).
@@ -109,10 +117,23 @@ def policy_batch(segments: Sequence[SegmentInput], *, gamma: float = 1.0, lambda
     lam = adaptive_policy_lambda(
         policy_lambda_lengths(torch.tensor([s.end for s in segments]), finished, window_tokens),
         lambda_alpha, lambda_min)
-    adv, _ = compute_egae(rewards, values, loss_mask, finished, gamma=gamma, lam=lam)
+    boot = None
+    if any(s.value_after is not None for s in segments if not s.finished):
+        missing = [i for i, s in enumerate(segments) if not s.finished and s.value_after is None]
+        if missing:
+            raise ValueError(f"segments {missing[:5]}: truncated without value_after while others have it")
+        boot = torch.tensor([s.value_after if s.value_after is not None else 0.0 for s in segments])
+    adv, _ = compute_egae(rewards, values, loss_mask, finished, gamma=gamma, lam=lam, bootstrap=boot)
     keep = truncated_tail_mask(loss_mask, finished, tail_ignore)
     # the tail's advantage is zeroed (recipe); it neither shapes the whitening stats nor pushes the policy
-    adv = masked_whiten(adv, keep, clamp=advantage_clamp)
+    if whiten == "none":
+        adv = adv * keep
+        if advantage_clamp > 0:
+            adv = adv.clamp(-advantage_clamp, advantage_clamp)
+    elif whiten in ("mean_std", "std"):
+        adv = masked_whiten(adv, keep, clamp=advantage_clamp, center=whiten == "mean_std")
+    else:
+        raise ValueError(f"whiten must be 'mean_std', 'std' or 'none', got {whiten!r}")
     positive = finished & torch.tensor([s.reward >= 1.0 for s in segments])
     return {
         "tokens": tokens, "attention_mask": attention, "loss_mask": loss_mask.float(),

@@ -108,6 +108,8 @@ class Sample:
     """Policy version that generated each response token."""
     values: list[Optional[float]] = field(default_factory=list)
     """Critic value V(s_t) per response token, None until ``set_values``; kept across windows."""
+    value_after: Optional[float] = None
+    """V of the state after the last token with a value: the exact bootstrap of a truncated segment."""
     segment_start: int = 0
     """Response index where the current, still-open segment began."""
     windows: int = 0
@@ -406,14 +408,17 @@ class WindowPool:
         except KeyError:
             raise ValueError(f"sample uid {sample_uid} is not (or no longer) in the pool") from None
 
-    def set_values(self, sample_uid: int, start: int, values: Sequence[float]) -> None:
-        """Store critic values for response positions [start, start + len(values))."""
+    def set_values(self, sample_uid: int, start: int, values: Sequence[float],
+                   after: Optional[float] = None) -> None:
+        """Store critic values for response positions [start, start + len(values)) and, as
+        ``value_after``, the value of the state after the last of them (None: unknown)."""
         s = self.sample(sample_uid)
         vals = _as_list(values, float)
         if start < 0 or start + len(vals) > len(s.response_ids):
             raise ValueError(f"sample {sample_uid}: values for [{start}, {start + len(vals)}) "
                              f"outside its response of {len(s.response_ids)} tokens")
         s.values[start:start + len(vals)] = vals
+        s.value_after = None if after is None else float(after)
 
     def set_reward(self, sample_uid: int, reward: float) -> None:
         """Score a finished response (truncated responses get no reward, section 1)."""

@@ -243,10 +243,11 @@ class TPPOLoop:
         return {"tokens": pad_token_rows(rows, width), "attention_mask": row_attention_mask(rows, width)}
 
     def store_values(self, batch: StepBatch, out: dict) -> None:
-        values = out["values"]
+        values, after = out["values"], out["values_after"]
         for i, seg in enumerate(batch.segments):
             a = seg.prompt_len + seg.start
-            self.pool.set_values(seg.sample_uid, seg.start, values[i, a: a + seg.end - seg.start].tolist())
+            self.pool.set_values(seg.sample_uid, seg.start, values[i, a: a + seg.end - seg.start].tolist(),
+                                 after=float(after[i, seg.prompt_len + seg.end - 1]))
 
     def policy_segments(self, batch: StepBatch) -> list[SegmentInput]:
         """This step's segments as policy inputs, less the groups dynamic sampling drops (config
@@ -262,8 +263,10 @@ class TPPOLoop:
             if seg.prompt_uid in drop:
                 continue
             s = self.pool.sample(seg.sample_uid)
+            exact = self.cfg.algorithm.truncation_bootstrap == "exact" and not seg.finished
             out.append(SegmentInput(seg.token_ids, seg.prompt_len, seg.start, seg.end, seg.logprobs,
-                                    s.values[seg.start: seg.end], seg.finished, s.reward or 0.0))
+                                    s.values[seg.start: seg.end], seg.finished, s.reward or 0.0,
+                                    value_after=s.value_after if exact else None))
         return out
 
     def start_policy_update(self, segments: list[SegmentInput]) -> tuple:
@@ -271,7 +274,7 @@ class TPPOLoop:
         a, r = self.cfg.algorithm, self.cfg.rollout
         b = policy_batch(segments, gamma=a.gamma, lambda_alpha=a.policy_lambda_alpha, lambda_min=a.policy_lambda_min,
                          window_tokens=r.window_tokens, tail_ignore=a.truncated_tail_ignore,
-                         advantage_clamp=a.advantage_clamp)
+                         advantage_clamp=a.advantage_clamp, whiten=a.advantage_whiten)
         n = float(b.pop("num_tokens"))
         m = {}
         adv = b["advantages"][b["loss_mask"].bool()]

@@ -17,7 +17,9 @@ Alignment convention: every per-token output at index t describes **token t**:
 ``logprobs[b, t] = log p(tokens[b, t] | tokens[b, :t])``, computed from the model output at
 position t-1; ``entropy[b, t]`` is the entropy of that same next-token distribution (at t-1);
 ``values[b, t]`` is the critic's output at position t-1, i.e. V of the state in which token t was
-chosen. Index 0 has no predecessor: its outputs are 0 and it must never carry loss.
+chosen. Index 0 has no predecessor: its outputs are 0 and it must never carry loss. The critic's
+forward also returns ``values_after[b, t]``, its output at t: V of the state after token t (the
+exact bootstrap after a row's last token).
 ``temperature`` (forward, train_step): the policy's log-probs and entropy are those of
 softmax(logits / temperature), the distribution the behaviour log-probs were taken from
 (``RolloutConfig.logprob_temperature``); the critic ignores it.
@@ -175,7 +177,7 @@ class TrainEngine:
         """Last-stage model output -> per-token outputs [b, t] aligned to tokens (see module doc)."""
         if self.role == "critic":
             v = output[..., 0].float()  # [b, t]: value at position t-1 belongs to token t
-            return {"values": torch.nn.functional.pad(v[:, :-1], (1, 0))}
+            return {"values": torch.nn.functional.pad(v[:, :-1], (1, 0)), "values_after": v}
         tokens = mb["tokens"].to(output.device)
         logp, ent = vocab_parallel_logprobs(output[:, :-1], tokens[:, 1:], self.model_cfg.vocab_size,
                                             self.tp_group, with_entropy, temperature)
@@ -219,13 +221,14 @@ class TrainEngine:
     def forward(self, batch: dict, with_entropy: bool = False, temperature: float = 1.0) -> dict[str, torch.Tensor]:
         """Per-token outputs for every row of ``batch``, on every rank of this model replica.
 
-        Policy: {"logprobs": [B, T]} (+ "entropy": [B, T]); critic: {"values": [B, T]}; fp32,
+        Policy: {"logprobs": [B, T]} (+ "entropy": [B, T]); critic: {"values", "values_after": [B, T]}; fp32,
         aligned to tokens (index t = token t; index 0 and positions past a row's length are 0).
         """
         self._require_onloaded("forward")
         rows, mbs, store = self._run(batch, None, 1.0, with_entropy, forward_only=True, temperature=temperature)
         b, t = batch["tokens"].shape
-        keys = ["values"] if self.role == "critic" else ["logprobs"] + (["entropy"] if with_entropy else [])
+        keys = (["values", "values_after"] if self.role == "critic"
+                else ["logprobs"] + (["entropy"] if with_entropy else []))
         out = {k: torch.zeros(b, t, dtype=torch.float32, device=self._dev) for k in keys}
         if self.is_last_stage:
             lengths = row_lengths(batch).to(self._dev)

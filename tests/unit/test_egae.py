@@ -15,7 +15,7 @@ from megatron_tppo.algorithms.egae import (
 )
 
 
-def egae_reference(token_rewards, values, response_mask, finished, gamma=1.0, lam=0.95):
+def egae_reference(token_rewards, values, response_mask, finished, gamma=1.0, lam=0.95, bootstrap=None):
     """The definition, token by token, in float64 Python: the test oracle."""
     B, T = values.shape
     adv = torch.zeros(B, T, dtype=torch.float64)
@@ -30,7 +30,7 @@ def egae_reference(token_rewards, values, response_mask, finished, gamma=1.0, la
             if j + 1 < len(idx):
                 v_next = float(values[b, idx[j + 1]])
             else:
-                v_next = 0.0 if bool(finished[b]) else v_t
+                v_next = 0.0 if bool(finished[b]) else (v_t if bootstrap is None else float(bootstrap[b]))
             delta = float(token_rewards[b, t]) + gamma * v_next - v_t
             a = delta + gamma * lam_b * a_next
             adv[b, t] = a
@@ -95,6 +95,26 @@ def test_truncated_bootstrap_hand_case():
     assert ret[0].tolist() == [3.0, 3.0, 3.0, 0.0]
     assert adv[1].tolist() == [-1.0, -2.0, -3.0, 0.0]
     assert ret[1].tolist() == [0.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_exact_bootstrap_matches_reference(seed):
+    # V(s_l) given per row: truncated rows take it after their last valid token, finished rows ignore it
+    g = torch.Generator().manual_seed(seed)
+    r, v, m, f = random_case(g, 6, 40, contiguous=seed != 2)
+    boot = torch.randn(6, generator=g)
+    lam = torch.rand(6, generator=g)
+    adv, ret = compute_egae(r, v, m, f, gamma=0.99, lam=lam, bootstrap=boot)
+    adv_ref, ret_ref = egae_reference(r, v, m, f, gamma=0.99, lam=lam, bootstrap=boot)
+    torch.testing.assert_close(adv.double(), adv_ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ret.double(), ret_ref, atol=2e-5, rtol=1e-5)
+    # and it differs from the paper's V(s_l) := V(s_{l-1}) on the truncated rows only
+    adv_paper, _ = compute_egae(r, v, m, f, gamma=0.99, lam=lam)
+    for b in range(6):
+        same = torch.allclose(adv[b], adv_paper[b])
+        assert same if (bool(f[b]) or not m[b].any()) else not same
+    with pytest.raises(ValueError, match="bootstrap has 2 entries for 6 rows"):
+        compute_egae(r, v, m, f, bootstrap=torch.zeros(2))
 
 
 def test_finished_reward_on_last_token_is_monte_carlo_with_lambda_one():

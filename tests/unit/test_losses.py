@@ -147,3 +147,21 @@ def test_explained_variance_and_token_mean():
 def test_shape_mismatch_errors():
     with pytest.raises(ValueError, match="does not match"):
         policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 4), torch.ones(2, 3), 1)
+
+
+def test_masked_whiten_without_centering_keeps_zeros():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 9, generator=g) + 2.0
+    x[1, 2:5] = 0.0
+    mask = torch.rand(3, 9, generator=g) < 0.7
+    mask[1, 2:5] = True
+    w = masked_whiten(x, mask, clamp=0.0, center=False)
+    vals = [float(x[b, t]) for b in range(3) for t in range(9) if mask[b, t]]  # plain loop reference
+    mean = sum(vals) / len(vals)
+    std = (sum((u - mean) ** 2 for u in vals) / len(vals)) ** 0.5
+    for b in range(3):
+        for t in range(9):
+            want = float(x[b, t]) / std if mask[b, t] else 0.0
+            assert abs(float(w[b, t]) - want) < 1e-5
+    assert torch.all(w[1, 2:5] == 0)
+
